@@ -1,0 +1,53 @@
+# Common commands. `make help` lists them.
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+# Stages run as `python stages/<name>.py`: put the venv first so DVC finds the project's Python.
+export PATH := $(BIN):$(PATH)
+MODEL ?= fashion-mnist-classifier
+PORT ?= 5000
+SERVE_PORT ?= 5001
+STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
+
+.DEFAULT_GOAL := help
+.PHONY: help setup setup-test repro test test-fast lint format bench ui serve predict clean
+
+help: ## List the common commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+setup: ## Install system packages (Debian, as root) and the venv for the pipeline
+	@scripts/setup.sh pipeline
+
+setup-test: ## Install everything the tests need as well (Chromium, pytest, ruff)
+	@scripts/setup.sh test
+
+repro: setup ## Set up, then run the whole pipeline (dvc repro)
+	dvc repro
+
+test: setup-test ## Set up, then run the whole test suite, slow tests included
+	pytest
+
+test-fast: setup-test ## Run the tests not marked slow
+	pytest -m "not slow"
+
+lint: setup-test ## Check style with ruff
+	ruff check . && ruff format --check .
+
+format: setup-test ## Reformat the code with ruff
+	ruff format . && ruff check --fix .
+
+bench: setup ## Measure speed against the PyTorch quickstart; prints a markdown table
+	python benchmarks/bench.py
+
+ui: setup ## MLflow UI over the local store on http://127.0.0.1:$(PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host 127.0.0.1 --port $(PORT) --workers 1 \
+	  --backend-store-uri $(STORE) --artifacts-destination $(CURDIR)/mlruns/artifacts
+
+serve: setup ## Serve the champion model over REST on http://127.0.0.1:$(SERVE_PORT)/invocations
+	MLFLOW_TRACKING_URI=$(STORE) mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
+	  --host 127.0.0.1 --port $(SERVE_PORT)
+
+predict: ## Classify the first test images with the trained model (predict --help for more)
+	predict --index 0 1 2 3 4
+
+clean: ## Remove pipeline outputs from the workspace (the DVC cache and mlruns/ stay)
+	rm -rf data/processed data/raw data/resume models reports/*/*.png

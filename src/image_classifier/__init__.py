@@ -1,0 +1,1 @@
+"""Image classifier pipeline: the library the DVC stages under `stages/` call."""

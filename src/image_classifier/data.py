@@ -1,0 +1,191 @@
+"""Decoding, validating, splitting and storing a data set as uint8 tensors.
+
+Each split is one `.pt` file holding a dict of two plain tensors (`images` uint8 N×C×H×W, `labels` int64), so it
+loads with `torch.load(weights_only=True)`: no pickled code runs when a teammate's file is opened.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from image_classifier.datasets import DatasetSpec
+from image_classifier.errors import UserError
+from image_classifier.files import atomic_path
+from image_classifier.params import PreprocessParams
+from image_classifier.plots import save_image_grid
+
+IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 data with 3 and 1 dimensions
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8, N×C×H×W
+    labels: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> "Split":
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What later stages need to know about the processed data."""
+
+    dataset: str
+    classes: list[str]
+    image_shape: list[int]
+    mean: list[float]
+    std: list[float]
+    sizes: dict[str, int]
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as temp:
+            temp.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Meta":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def decode_idx(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
+    """Read the train and test IDX files of `spec` from `raw_dir` into validated Splits."""
+    splits = {}
+    for split in ("train", "test"):
+        images = _read_idx(raw_dir / spec.files[f"{split}_images"].name, "images")
+        labels = _read_idx(raw_dir / spec.files[f"{split}_labels"].name, "labels")
+        splits[split] = Split(images.unsqueeze(1).contiguous(), labels.long())
+        validate(splits[split], spec, split)
+    return splits
+
+
+def _read_idx(path: Path, kind: str) -> torch.Tensor:
+    if not path.is_file():
+        raise UserError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
+    with path.open("rb") as file:
+        header = file.read(4)
+    if len(header) < 4:
+        raise UserError(f"{path} is empty or truncated ({len(header)} bytes); delete it and fetch again")
+    magic = int.from_bytes(header, "big")
+    if magic != IDX_MAGIC[kind]:
+        raise UserError(f"{path}: IDX magic number {magic} is wrong; expected {IDX_MAGIC[kind]} for {kind}")
+    reader = read_image_file if kind == "images" else read_label_file
+    try:
+        return reader(str(path))
+    except (AssertionError, RuntimeError, ValueError) as error:
+        raise UserError(
+            f"{path}: not a valid IDX {kind} file ({error or 'size does not match header'})"
+        ) from None
+
+
+def validate(split: Split, spec: DatasetSpec, name: str) -> None:
+    """Check shapes, dtypes, label range and that every class is present; raise UserError naming the problem."""
+    if len(split.images) != len(split.labels):
+        raise UserError(f"{name} split: {len(split.images)} images but {len(split.labels)} labels")
+    if tuple(split.images.shape[1:]) != tuple(spec.image_shape):
+        raise UserError(
+            f"{name} split: images are {tuple(split.images.shape[1:])}, expected {spec.image_shape}"
+        )
+    if split.images.dtype != torch.uint8:
+        raise UserError(f"{name} split: images are {split.images.dtype}, expected uint8")
+    num_classes = len(spec.classes)
+    if len(split) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
+        bad = split.labels[(split.labels < 0) | (split.labels >= num_classes)][0].item()
+        raise UserError(
+            f"{name} split: label {bad} is out of range; {spec.name} has classes 0..{num_classes - 1}"
+        )
+    counts = torch.bincount(split.labels, minlength=num_classes)
+    if (counts == 0).any():
+        missing = [spec.classes[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+        raise UserError(f"{name} split: no images of class {', '.join(missing)}")
+
+
+def stratified_indices(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (rest, chosen) with `size` chosen, every class in proportion to its count."""
+    if size > len(labels):
+        raise UserError(f"cannot take {size} images from a split of {len(labels)}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    counts = torch.bincount(labels)
+    # Largest-remainder rounding so the per-class shares add up to exactly `size`.
+    exact = counts.double() * size / len(labels)
+    take = exact.floor().long()
+    remainder = size - int(take.sum())
+    take[torch.argsort(exact - take, descending=True, stable=True)[:remainder]] += 1
+    chosen = torch.cat([order[labels[order] == c][: int(take[c])] for c in range(len(counts))])
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[chosen] = True
+    return torch.nonzero(~mask).flatten(), chosen.sort().values
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images, on the 0..1 scale."""
+    pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
+    return pixels.mean(dim=1).tolist(), pixels.std(dim=1).tolist()
+
+
+def save_split(split: Split, path: Path) -> None:
+    with atomic_path(path) as temp:
+        torch.save({"images": split.images, "labels": split.labels}, temp)
+
+
+def load_split(path: Path) -> Split:
+    if not Path(path).is_file():
+        raise UserError(f"{path} is missing; run the preprocess stage first (dvc repro preprocess)")
+    tensors = torch.load(path, weights_only=True, mmap=True)
+    return Split(tensors["images"], tensors["labels"])
+
+
+def preprocess(
+    spec: DatasetSpec,
+    params: PreprocessParams,
+    raw_dir: Path,
+    split_files: dict[str, Path],
+    meta_file: Path,
+    samples_png: Path,
+) -> Meta:
+    """Decode, split off validation (stratified, seeded), optionally subsample, save splits, stats and a preview."""
+    decoded = decode_idx(raw_dir, spec)
+    train, test = decoded["train"], decoded["test"]
+    if params.val_size >= len(train):
+        raise UserError(
+            f"preprocess.val_size = {params.val_size} leaves no training images (training set has {len(train)})"
+        )
+    rest, val_index = stratified_indices(train.labels, params.val_size, params.seed)
+    splits = {"train": train.subset(rest), "val": train.subset(val_index), "test": test}
+    if params.train_subset:
+        if params.train_subset > len(rest):
+            raise UserError(
+                f"preprocess.train_subset = {params.train_subset} is more than the {len(rest)} training images"
+            )
+        _, keep = stratified_indices(splits["train"].labels, params.train_subset, params.seed)
+        splits["train"] = splits["train"].subset(keep)
+    mean, std = channel_stats(splits["train"].images)  # training split only: val and test stay unseen
+    for name, split in splits.items():
+        save_split(split, split_files[name])
+    meta = Meta(
+        dataset=spec.name,
+        classes=list(spec.classes),
+        image_shape=list(spec.image_shape),
+        mean=mean,
+        std=std,
+        sizes={name: len(split) for name, split in splits.items()},
+    )
+    meta.save(meta_file)
+    preview = splits["train"].subset(torch.arange(min(36, len(splits["train"]))))
+    save_image_grid(
+        preview.images,
+        [spec.classes[i] for i in preview.labels],
+        samples_png,
+        title=f"{spec.name}: first training images",
+    )
+    print(
+        f"{spec.name}: "
+        + ", ".join(f"{name} {size}" for name, size in meta.sizes.items())
+        + f" images; mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}"
+    )
+    return meta

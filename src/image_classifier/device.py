@@ -1,0 +1,52 @@
+"""The one place that decides which device and numeric precision training uses."""
+
+import os
+
+import torch
+
+from image_classifier.errors import UserError
+
+
+def pick_device(requested: str) -> torch.device:
+    """`auto` takes the available accelerator (CUDA, MPS, XPU, ...) else the CPU; a named one must exist."""
+    if requested == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if requested != "cpu":
+        backend = getattr(torch, requested, None)
+        if backend is None or not backend.is_available():
+            raise UserError(
+                f"train.device = {requested!r} but no {requested.upper()} device is available here; "
+                "use 'auto' or 'cpu'"
+            )
+    return torch.device(requested)
+
+
+def describe(device: torch.device) -> str:
+    """A readable name for logs and MLflow tags, e.g. 'cuda (NVIDIA H100 80GB HBM3)' or 'cpu (2 threads)'."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
+    return device.type
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for `train.precision`, or None for plain fp32.
+
+    `auto` uses bf16 on accelerators and on CPUs with native bf16 (AVX512-BF16/AMX); on other CPUs bf16
+    convolutions are emulated and run about 10x slower than fp32, so `auto` keeps fp32 there.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type != "cpu":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def set_threads(threads: int) -> None:
+    """Use `threads` CPU threads, or every core this process may run on when 0."""
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))

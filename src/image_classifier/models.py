@@ -1,0 +1,115 @@
+"""The networks `train.model` selects, wrapped with their input normalisation.
+
+A model takes float32 images (N, C, H, W) scaled to 0..1 and returns logits. Normalisation lives inside it, so
+ONNX, torch.export, MLflow and `predict` all feed the same plain input and cannot disagree about statistics.
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class QuickstartMLP(nn.Module):
+    """The PyTorch "Learn the Basics" quickstart network: 784-512-512-10 with ReLU."""
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        self.flatten = nn.Flatten()
+        self.linear_relu_stack = nn.Sequential(
+            nn.Linear(channels * height * width, 512),
+            nn.ReLU(),
+            nn.Linear(512, 512),
+            nn.ReLU(),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.linear_relu_stack(self.flatten(images))
+
+
+def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    # No conv bias: batch norm's shift makes it redundant.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(nn.Module):
+    """A 2x2 stride-2 "patchify" stem, two 3x3 conv-BN-ReLU layers each followed by 2x2 max pooling, and a
+    linear head over the remaining spatial grid (3x3 for 28x28 input).
+
+    The stem halves the resolution before any 3x3 convolution, which on a CPU is most of the saving; keeping
+    the spatial grid in the head (rather than global pooling) keeps where a feature is, which clothes need.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        channels, height, width_px = image_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, kernel_size=2, stride=2, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            conv_bn(width, 2 * width),
+            nn.MaxPool2d(2),
+            conv_bn(2 * width, 4 * width),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width * (height // 8) * (width_px // 8), num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+class ImageClassifier(nn.Module):
+    """A network with the training set's per-channel mean and std applied first."""
+
+    def __init__(self, network: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network((images - self.mean) / self.std)
+
+
+def build_model(config: dict[str, Any]) -> ImageClassifier:
+    """The model a config describes: `model` (mlp or cnn), `width`, `image_shape`, `classes`, `mean`, `std`.
+
+    The same config is saved beside the weights, so every later stage rebuilds exactly what was trained.
+    """
+    image_shape, num_classes = tuple(config["image_shape"]), len(config["classes"])
+    if config["model"] == "mlp":
+        network: nn.Module = QuickstartMLP(image_shape, num_classes)
+    elif config["model"] == "cnn":
+        network = SmallCNN(image_shape, num_classes, config["width"])
+    else:
+        raise ValueError(f"unknown model {config['model']!r}")
+    return ImageClassifier(network, config["mean"], config["std"])
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the float32 0..1 input every model takes."""
+    return images.float().div_(255)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int, autocast: torch.dtype | None = None
+) -> torch.Tensor:
+    """Float32 logits for uint8 `images` (on the model's device), in batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = to_float(images[start : start + batch_size])
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            outputs.append(model(batch).float())
+    model.train(was_training)
+    return torch.cat(outputs)

@@ -1,0 +1,33 @@
+"""Where every stage reads and writes, relative to the repository root (DVC runs stages there).
+
+dvc.yaml names the same paths; tests/test_dvc_yaml.py checks that the two agree.
+"""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+PROCESSED_DIR = Path("data/processed")
+SPLIT_FILES = {split: PROCESSED_DIR / f"{split}.pt" for split in ("train", "val", "test")}
+META_FILE = PROCESSED_DIR / "meta.json"
+SAMPLES_PNG = Path("reports/preprocess/samples.png")
+
+# Resumable training state lives outside DVC's outputs (see train stage); deleted once training completes.
+RESUME_DIR = Path("data/resume")
+MODEL_FILE = Path("models/model.pt")
+CHECKPOINT_FILE = Path("models/checkpoint.pt")
+TRAIN_HISTORY = Path("reports/train/history.csv")
+TRAIN_METRICS = Path("reports/train/metrics.json")
+TRAIN_CURVES_PNG = Path("reports/train/curves.png")
+RUN_FILE = Path("reports/train/mlflow_run.json")
+
+EVAL_METRICS = Path("reports/evaluate/metrics.json")
+PREDICTIONS_CSV = Path("reports/evaluate/predictions.csv")
+CONFUSION_PNG = Path("reports/evaluate/confusion.png")
+MISCLASSIFIED_PNG = Path("reports/evaluate/misclassified.png")
+
+EXPORT_DIR = Path("models/export")
+WEIGHTS_FILE = EXPORT_DIR / "weights.pt"
+MODEL_CONFIG = EXPORT_DIR / "config.json"
+ONNX_FILE = EXPORT_DIR / "model.onnx"
+PT2_FILE = EXPORT_DIR / "model.pt2"
+EXPORT_METRICS = Path("reports/export/metrics.json")

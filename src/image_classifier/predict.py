@@ -1,0 +1,90 @@
+"""`predict`: classify image files or test-set images with a trained model.
+
+predict photo.png shoe.jpg            # any size or colour: converted to the model's input
+predict --index 0 1 2                 # test-set images, with their actual class
+predict --model models/model.pt ...   # another model file
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from image_classifier import paths
+from image_classifier.data import load_split
+from image_classifier.errors import UserError, run_cli
+from image_classifier.export import load_model
+
+# Refuse images that would decode to more than this many pixels (a decompression bomb exhausts memory).
+MAX_PIXELS = 40_000_000
+
+
+def load_image(path: Path, image_shape: list[int]) -> torch.Tensor:
+    """Read any PIL-readable image as uint8 C×H×W of the model's shape (grey or RGB, resized)."""
+    channels, height, width = image_shape
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB").resize(
+                (width, height), Image.Resampling.BILINEAR
+            )
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file PIL can read") from None
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{path}: image is too large (over {MAX_PIXELS:,} pixels); refusing to decode it"
+        ) from None
+    except (OSError, SyntaxError) as error:  # truncated or corrupt data surfaces while decoding
+        raise UserError(f"{path}: image data is corrupt or truncated ({error})") from None
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, channels).permute(2, 0, 1).contiguous()
+
+
+def describe(probabilities: torch.Tensor, classes: list[str], actual: int | None) -> str:
+    confidence, index = probabilities.max(dim=0)
+    line = f'Predicted: "{classes[int(index)]}" ({100 * confidence.item():.1f}%)'
+    return line + (f', Actual: "{classes[actual]}"' if actual is not None else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="predict", description="Classify image files or test-set images.")
+    parser.add_argument("images", nargs="*", type=Path, help="PNG/JPEG/... files to classify")
+    parser.add_argument("--index", nargs="+", type=int, default=[], help="test-set image indices")
+    parser.add_argument(
+        "--model", type=Path, default=paths.MODEL_FILE, help="model file (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    if not args.images and not args.index:
+        parser.error("give image files or --index N ...")
+
+    model, config = load_model(args.model)
+    inputs, names, actuals = [], [], []
+    for path in args.images:
+        inputs.append(load_image(path, config["image_shape"]))
+        names.append(str(path))
+        actuals.append(None)
+    if args.index:
+        test = load_split(paths.SPLIT_FILES["test"])
+        for index in args.index:
+            if not 0 <= index < len(test):
+                raise UserError(f"--index {index} is out of range; the test set has {len(test)} images")
+            inputs.append(test.images[index])
+            names.append(f"test[{index}]")
+            actuals.append(int(test.labels[index]))
+    with torch.no_grad():
+        probabilities = model(torch.stack(inputs).float() / 255).softmax(dim=1)
+    for name, row, actual in zip(names, probabilities, actuals, strict=True):
+        print(f"{name}: {describe(row, config['classes'], actual)}")
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

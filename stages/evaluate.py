@@ -1,0 +1,44 @@
+"""Stage 4: test-set metrics, the confusion matrix and misclassified examples, added to the training run."""
+
+from image_classifier import params as params_module
+from image_classifier import paths, tracking
+from image_classifier.data import load_split
+from image_classifier.errors import run_cli
+from image_classifier.evaluate import evaluate, flat_metrics
+from image_classifier.export import load_model
+
+
+def main() -> None:
+    params = params_module.load()
+    tracking.connect(params.tracking)
+    model, config = load_model(paths.MODEL_FILE)
+    test = load_split(paths.SPLIT_FILES["test"])
+    outputs = {
+        "metrics": paths.EVAL_METRICS,
+        "predictions": paths.PREDICTIONS_CSV,
+        "confusion": paths.CONFUSION_PNG,
+        "misclassified": paths.MISCLASSIFIED_PNG,
+    }
+    metrics = evaluate(
+        model, test, config["classes"], params.evaluate.batch_size, params.evaluate.misclassified, outputs
+    )
+    with tracking.resume_run(paths.RUN_FILE):
+        tracking.log_dataset(
+            test,
+            config["dataset"],
+            "test",
+            paths.SPLIT_FILES["test"],
+            tracking.file_md5(paths.SPLIT_FILES["test"]),
+        )
+        tracking.log_results(
+            flat_metrics(metrics, "test"),
+            [paths.EVAL_METRICS, paths.CONFUSION_PNG, paths.MISCLASSIFIED_PNG],
+            folder="evaluate",
+        )
+    print(
+        f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

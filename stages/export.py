@@ -1,0 +1,52 @@
+"""Stage 5: weights, ONNX (checked against PyTorch on the whole test set), torch.export, registered MLflow model."""
+
+import json
+
+import torch
+
+from image_classifier import params as params_module
+from image_classifier import paths, tracking
+from image_classifier.data import load_split
+from image_classifier.errors import UserError, run_cli
+from image_classifier.export import example_input, export_onnx, export_program, load_model, onnx_parity
+from image_classifier.files import atomic_path
+
+
+def main() -> None:
+    params = params_module.load()
+    tracking.connect(params.tracking)
+    model, config = load_model(paths.MODEL_FILE)
+    example = example_input(config)
+
+    with atomic_path(paths.WEIGHTS_FILE) as temp:
+        torch.save(model.state_dict(), temp)
+    with atomic_path(paths.MODEL_CONFIG) as temp:
+        temp.write_text(json.dumps(config, indent=2) + "\n")
+    export_onnx(model, example, paths.ONNX_FILE, params.export.opset)
+    export_program(model, example, paths.PT2_FILE)
+    parity = onnx_parity(
+        paths.ONNX_FILE, model, load_split(paths.SPLIT_FILES["test"]).images, batch_size=1000
+    )
+    if parity["onnx_max_abs_logit_diff"] > params.export.max_logit_diff:
+        raise UserError(
+            f"ONNX logits differ from PyTorch by {parity['onnx_max_abs_logit_diff']:.2e}, more than "
+            f"export.max_logit_diff = {params.export.max_logit_diff:g}"
+        )
+
+    test_accuracy = json.loads(paths.EVAL_METRICS.read_text())["accuracy"]
+    with tracking.resume_run(paths.RUN_FILE):
+        tracking.log_results(parity, [paths.ONNX_FILE, paths.MODEL_CONFIG], folder="export")
+        registered = tracking.log_and_register_model(
+            model, example, tracking.model_name(params.tracking, config["dataset"]), test_accuracy
+        )
+    with atomic_path(paths.EXPORT_METRICS) as temp:
+        temp.write_text(json.dumps(parity, indent=2) + "\n")
+    print(
+        f"ONNX vs PyTorch on {parity['onnx_checked_images']} test images: max |logit diff| "
+        f"{parity['onnx_max_abs_logit_diff']:.2e}, agreement {parity['onnx_prediction_agreement']:.4f}; "
+        f"registered {registered['name']} version {registered['version']} ({registered['decision']})"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny IDX data sets the tests write themselves, a tiny config, and repository copies."""
+
+import copy
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from image_classifier import params as params_module
+from image_classifier.datasets import DatasetSpec, RemoteFile
+
+REPO = Path(__file__).resolve().parent.parent
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = tuple(f"class{i}" for i in range(10))
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    """IDX encoding of a uint8 tensor: magic 0x0800 + number of dims, big-endian sizes, raw bytes."""
+    header = (0x0800 + array.dim()).to_bytes(4, "big")
+    header += b"".join(size.to_bytes(4, "big") for size in array.shape)
+    return header + array.numpy().tobytes()
+
+
+def learnable_images(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """28x28 images whose class is visible (a bright bar at a class-specific row) under noise."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 60, (len(labels), 28, 28), generator=generator, dtype=torch.uint8)
+    for index, label in enumerate(labels.tolist()):
+        images[index, 2 + 2 * label : 4 + 2 * label, 4:24] = 230
+    return images
+
+
+def write_idx_dataset(
+    folder: Path, train_size: int = 400, test_size: int = 100, gz: bool = True
+) -> DatasetSpec:
+    """Write a tiny, learnable Fashion-MNIST-shaped data set and return a spec with its checksums."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, size, seed in (("train", train_size, 1), ("test", test_size, 2)):
+        labels = torch.arange(size, dtype=torch.uint8) % 10
+        prefix = "train" if split == "train" else "t10k"
+        for role, name, array in (
+            ("images", f"{prefix}-images-idx3-ubyte", learnable_images(labels, seed)),
+            ("labels", f"{prefix}-labels-idx1-ubyte", labels),
+        ):
+            data = idx_bytes(array)
+            (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
+            files[f"{split}_{role}"] = RemoteFile(name, hashlib.sha256(data).hexdigest(), len(data))
+    return DatasetSpec("tiny", "idx", files, (), CLASSES, (1, 28, 28))
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> tuple[DatasetSpec, Path]:
+    folder = tmp_path / "tiny-idx"
+    return write_idx_dataset(folder), folder
+
+
+def default_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def tiny_params_dict(**overrides: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml with a seconds-long training run; `overrides` maps sections to changed keys."""
+    raw = copy.deepcopy(default_params())
+    raw["preprocess"].update(val_size=100)
+    raw["train"].update(model="cnn", width=4, epochs=2, batch_size=64, device="cpu")
+    for section, values in overrides.items():
+        raw[section].update(values)
+    return raw
+
+
+@pytest.fixture
+def tiny_params() -> params_module.Params:
+    return params_module.from_dict(tiny_params_dict())
+
+
+def copy_repo(dest: Path) -> Path:
+    """A fresh git repository holding the project's tracked files (plus uncommitted edits), like a clone."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in listed:
+        source = REPO / name
+        if source.is_file() and not name.startswith("tests/"):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def write_params(repo: Path, raw: dict[str, Any]) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def run(args: list[str], cwd: Path, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run a command with the venv first on PATH, as `make` does; fail with its output if it fails."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.update(kwargs.pop("env", {}))
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,120 @@
+"""Decoding, validation, the stratified split and the stored format, on tiny IDX files the tests write."""
+
+import gzip
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASSES, idx_bytes, write_idx_dataset
+
+from image_classifier import params as params_module
+from image_classifier.data import (
+    Meta,
+    Split,
+    channel_stats,
+    decode_idx,
+    load_split,
+    preprocess,
+    save_split,
+    stratified_indices,
+    validate,
+)
+from image_classifier.errors import UserError
+from image_classifier.fetch import fetch_dataset
+
+
+@pytest.fixture
+def raw_dir(tmp_path: Path, tiny_dataset) -> tuple[object, Path]:
+    spec, source = tiny_dataset
+    raw = tmp_path / "raw"
+    fetch_dataset(spec, raw, [source], [])
+    return spec, raw
+
+
+def test_decode_gives_uint8_images_and_int64_labels(raw_dir) -> None:
+    spec, raw = raw_dir
+    splits = decode_idx(raw, spec)
+    assert splits["train"].images.shape == (400, 1, 28, 28)
+    assert splits["train"].images.dtype == torch.uint8
+    assert splits["test"].labels.dtype == torch.int64
+    assert splits["test"].labels.tolist()[:3] == [0, 1, 2]
+
+
+def test_stratified_split_keeps_class_shares_and_is_seeded() -> None:
+    labels = torch.cat([torch.zeros(900, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    rest, chosen = stratified_indices(labels, 100, seed=0)
+    assert torch.bincount(labels[chosen]).tolist() == [90, 10]
+    assert len(rest) + len(chosen) == 1000
+    assert not set(rest.tolist()) & set(chosen.tolist())
+    assert torch.equal(chosen, stratified_indices(labels, 100, seed=0)[1])
+    assert not torch.equal(chosen, stratified_indices(labels, 100, seed=1)[1])
+
+
+def test_channel_stats_on_known_pixels() -> None:
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1)
+    mean, std = channel_stats(images)
+    assert mean == pytest.approx([0.5])
+    assert std == pytest.approx([0.7071], abs=1e-4)
+
+
+def test_preprocess_writes_splits_meta_and_preview(raw_dir, tmp_path: Path) -> None:
+    spec, raw = raw_dir
+    params = params_module.PreprocessParams(val_size=50, train_subset=200, seed=0)
+    files = {name: tmp_path / "out" / f"{name}.pt" for name in ("train", "val", "test")}
+    meta = preprocess(spec, params, raw, files, tmp_path / "out/meta.json", tmp_path / "samples.png")
+    assert meta.sizes == {"train": 200, "val": 50, "test": 100}
+    assert Meta.load(tmp_path / "out/meta.json") == meta
+    train = load_split(files["train"])
+    assert torch.bincount(train.labels).tolist() == [20] * 10
+    # Statistics come from the training split only.
+    assert meta.mean == pytest.approx(channel_stats(train.images)[0])
+    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Stored as plain tensors: loads without unpickling code.
+    assert set(torch.load(files["val"], weights_only=True)) == {"images", "labels"}
+
+
+def test_save_and_load_split_round_trip(tmp_path: Path) -> None:
+    split = Split(torch.randint(0, 255, (5, 1, 28, 28), dtype=torch.uint8), torch.arange(5))
+    save_split(split, tmp_path / "s.pt")
+    loaded = load_split(tmp_path / "s.pt")
+    assert torch.equal(loaded.images, split.images) and torch.equal(loaded.labels, split.labels)
+
+
+def _replace(raw: Path, spec, role: str, data: bytes) -> None:
+    (raw / spec.files[role].name).write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("role", "data", "message"),
+    [
+        ("train_images", idx_bytes(torch.zeros(10, dtype=torch.uint8)), "IDX magic number 2049 is wrong"),
+        ("train_labels", b"", "is empty or truncated"),
+        ("train_labels", idx_bytes(torch.zeros(5, 28, 28, dtype=torch.uint8)), "magic number 2051 is wrong"),
+        ("test_labels", idx_bytes(torch.arange(7, dtype=torch.uint8)), "100 images but 7 labels"),
+        ("test_labels", idx_bytes(torch.full((100,), 12, dtype=torch.uint8)), "label 12 is out of range"),
+        (
+            "test_images",
+            idx_bytes(torch.zeros(100, 28, 28, dtype=torch.uint8))[:5000],
+            "not a valid IDX images",
+        ),
+    ],
+)
+def test_bad_files_give_clear_errors(raw_dir, role: str, data: bytes, message: str) -> None:
+    spec, raw = raw_dir
+    _replace(raw, spec, role, data)
+    with pytest.raises(UserError, match=message):
+        decode_idx(raw, spec)
+
+
+def test_missing_class_is_reported(tmp_path: Path) -> None:
+    spec = write_idx_dataset(tmp_path / "src", gz=False)
+    split = Split(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(UserError, match="no images of class class4"):
+        validate(split, spec, "train")
+    assert CLASSES[4] == "class4"
+
+
+def test_gz_round_trip_helper_matches_spec(tmp_path: Path) -> None:
+    spec = write_idx_dataset(tmp_path)
+    data = gzip.decompress((tmp_path / "train-labels-idx1-ubyte.gz").read_bytes())
+    assert len(data) == spec.files["train_labels"].size

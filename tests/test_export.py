@@ -1,0 +1,104 @@
+"""Evaluate's metrics, the export formats, and `predict` on image files."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASSES
+from PIL import Image
+from test_train import CONFIG, make_split
+
+from image_classifier.errors import UserError
+from image_classifier.evaluate import classification_metrics, confusion_matrix, flat_metrics
+from image_classifier.export import (
+    example_input,
+    export_onnx,
+    export_program,
+    load_model,
+    onnx_parity,
+    save_model,
+)
+from image_classifier.models import build_model
+from image_classifier.predict import load_image
+from image_classifier.predict import main as predict_main
+
+
+def test_metrics_on_known_predictions() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [0.0, 2.0]])
+    metrics = classification_metrics(logits, labels, ["a", "b"])
+    assert metrics["accuracy"] == 0.75
+    assert confusion_matrix(labels, logits.argmax(1), 2).tolist() == [[1, 1], [0, 2]]
+    assert metrics["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3)}
+    assert metrics["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert flat_metrics(metrics, "test")["test_recall_a"] == 0.5
+
+
+@pytest.fixture
+def saved_model(tmp_path: Path) -> Path:
+    model = build_model(CONFIG)
+    with torch.no_grad():  # non-trivial batch-norm statistics, so eval mode matters
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "model.pt"
+    save_model(path, CONFIG, model.state_dict())
+    return path
+
+
+def test_onnx_and_torch_export_match_pytorch(saved_model: Path, tmp_path: Path) -> None:
+    model, config = load_model(saved_model)
+    example = example_input(config)
+    export_onnx(model, example, tmp_path / "model.onnx", opset=18)
+    parity = onnx_parity(tmp_path / "model.onnx", model, make_split(37, 3).images, batch_size=16)
+    assert parity["onnx_max_abs_logit_diff"] <= 1e-4
+    assert parity["onnx_prediction_agreement"] == 1.0
+    assert parity["onnx_checked_images"] == 37
+
+    export_program(model, example, tmp_path / "model.pt2")
+    program = torch.export.load(tmp_path / "model.pt2")
+    batch = torch.rand(5, 1, 28, 28)  # another batch size than the example: the batch is dynamic
+    torch.testing.assert_close(program.module()(batch), model(batch))
+
+
+def test_unreadable_model_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    with pytest.raises(UserError, match=r"cannot load model file .*bad.pt"):
+        load_model(tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_predict_classifies_png_files(saved_model: Path, tmp_path: Path, capsys) -> None:
+    model, _ = load_model(saved_model)
+    image = make_split(10, 4).images[3]
+    Image.fromarray(image[0].numpy()).resize((56, 56)).convert("RGB").save(tmp_path / "big.png")
+    loaded = load_image(tmp_path / "big.png", [1, 28, 28])
+    assert loaded.shape == (1, 28, 28) and loaded.dtype == torch.uint8
+    expected = CLASSES[int(model(loaded[None].float() / 255).argmax())]
+    predict_main([str(tmp_path / "big.png"), "--model", str(saved_model)])
+    assert f'Predicted: "{expected}" (' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.png", None, "no such file"),
+        ("notes.png", b"hello, not an image", "not an image file"),
+        ("cut.png", "truncated", "corrupt or truncated"),
+        ("bomb.png", "bomb", "too large"),
+    ],
+)
+def test_predict_refuses_bad_images(tmp_path: Path, name: str, content, message: str) -> None:
+    path = tmp_path / name
+    if content == "truncated":
+        Image.new("L", (64, 64), 128).save(path)
+        path.write_bytes(path.read_bytes()[:60])
+    elif content == "bomb":
+        Image.new("1", (8000, 6000)).save(path)  # 48 Mpixels, a few KB on disk
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_image(path, [1, 28, 28])
