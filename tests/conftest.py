@@ -45,7 +45,7 @@ def write_idx_dataset(
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, size, seed in (("train", train_size, 1), ("test", test_size, 2)):
-        labels = torch.arange(size, dtype=torch.uint8) % 10
+        labels = (torch.arange(size) % 10).to(torch.uint8)
         prefix = "train" if split == "train" else "t10k"
         for role, name, array in (
             ("images", f"{prefix}-images-idx3-ubyte", learnable_images(labels, seed)),
@@ -84,14 +84,13 @@ def tiny_params() -> params_module.Params:
 
 def copy_repo(dest: Path) -> Path:
     """A fresh git repository holding the project's tracked files (plus uncommitted edits), like a clone."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in listed:
+    def git_files(*args: str) -> list[str]:
+        return subprocess.run(["git", "ls-files", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+
+    # Tracked files, plus new files not yet committed, but never pipeline outputs lying in the workspace.
+    outputs = ("data/", "models/", "reports/", "mlruns/", "tests/")
+    untracked = [name for name in git_files("--others", "--exclude-standard") if not name.startswith(outputs)]
+    for name in git_files("--cached") + untracked:
         source = REPO / name
         if source.is_file() and not name.startswith("tests/"):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,10 @@ MAX_PIXELS = 40_000_000
 def load_image(path: Path, image_shape: list[int]) -> torch.Tensor:
     """Read any PIL-readable image as uint8 C×H×W of the model's shape (grey or RGB, resized)."""
     channels, height, width = image_shape
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:  # checked from the header, before decoding
+                raise Image.DecompressionBombError
             image = image.convert("L" if channels == 1 else "RGB").resize(
                 (width, height), Image.Resampling.BILINEAR
             )
