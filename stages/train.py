@@ -2,8 +2,8 @@
 
 import torch
 
+from image_classifier import distributed, paths, tracking
 from image_classifier import params as params_module
-from image_classifier import paths, tracking
 from image_classifier.data import Meta, load_split
 from image_classifier.device import describe, pick_device, set_threads
 from image_classifier.errors import run_cli
@@ -14,57 +14,67 @@ from image_classifier.train import resume_path, train, write_reports
 
 def main() -> None:
     params = params_module.load()
-    set_threads(params.train.threads)
-    device = pick_device(params.train.device)
-    print(f"training on {describe(device)}")
-    tracking.connect(params.tracking)  # fail now, not after training, if the store is unreachable
+    if params.train.processes > 1 and not distributed.is_worker():
+        distributed.relaunch(params.train.processes)  # reruns this script under torchrun
+    set_threads(params.train.threads, params.train.processes)
+    device = distributed.local_device(pick_device(params.train.device))
+    with distributed.process_group(device) as (rank, world):
+        lead = rank == 0  # only the first process reports, logs and writes outputs
+        if lead:
+            print(f"training on {describe(device)}" + (f", {world} processes" if world > 1 else ""))
+            tracking.connect(params.tracking)  # fail now, not after training, if the store is unreachable
 
-    meta = Meta.load(paths.META_FILE)
-    train_split, val_split = load_split(paths.SPLIT_FILES["train"]), load_split(paths.SPLIT_FILES["val"])
-    model_config = {
-        "dataset": meta.dataset,
-        "model": params.train.model,
-        "width": params.train.width,
-        "image_shape": meta.image_shape,
-        "classes": meta.classes,
-        "mean": meta.mean,
-        "std": meta.std,
-    }
-    data_files = {
-        "train": paths.SPLIT_FILES["train"],
-        "val": paths.SPLIT_FILES["val"],
-        "meta": paths.META_FILE,
-    }
-    checkpoint_path = resume_path(paths.RESUME_DIR, params.flat(), list(data_files.values()))
+        meta = Meta.load(paths.META_FILE)
+        train_split, val_split = load_split(paths.SPLIT_FILES["train"]), load_split(paths.SPLIT_FILES["val"])
+        model_config = {
+            "dataset": meta.dataset,
+            "model": params.train.model,
+            "width": params.train.width,
+            "image_shape": meta.image_shape,
+            "classes": meta.classes,
+            "mean": meta.mean,
+            "std": meta.std,
+        }
+        data_files = {
+            "train": paths.SPLIT_FILES["train"],
+            "val": paths.SPLIT_FILES["val"],
+            "meta": paths.META_FILE,
+        }
+        checkpoint_path = resume_path(paths.RESUME_DIR, params.flat(), list(data_files.values()))
 
-    tags = tracking.source_tags({**data_files, "test": paths.SPLIT_FILES["test"]}, describe(device))
-    with tracking.start_run(params.flat(), tags) as run_id:
-        tracking.log_dataset(
-            train_split, meta.dataset, "train", paths.SPLIT_FILES["train"], tags["data.train.md5"]
+        if not lead:
+            train(params.train, model_config, train_split, val_split, device, checkpoint_path)
+            return
+        tags = tracking.source_tags({**data_files, "test": paths.SPLIT_FILES["test"]}, describe(device))
+        with tracking.start_run(params.flat(), tags) as run_id:
+            tracking.log_dataset(
+                train_split, meta.dataset, "train", paths.SPLIT_FILES["train"], tags["data.train.md5"]
+            )
+            tracking.log_dataset(
+                val_split, meta.dataset, "val", paths.SPLIT_FILES["val"], tags["data.val.md5"]
+            )
+            result = train(
+                params.train,
+                model_config,
+                train_split,
+                val_split,
+                device,
+                checkpoint_path,
+                on_epoch=tracking.log_epoch,
+            )
+            save_model(paths.MODEL_FILE, model_config, result.best_state)
+            with atomic_path(paths.CHECKPOINT_FILE) as temp:
+                torch.save(result.final_checkpoint, temp)
+            metrics = write_reports(result, paths.TRAIN_HISTORY, paths.TRAIN_METRICS, paths.TRAIN_CURVES_PNG)
+            tracking.log_results(
+                metrics, [paths.TRAIN_CURVES_PNG, paths.TRAIN_HISTORY, params_module.PARAMS_FILE]
+            )
+            tracking.write_run_file(paths.RUN_FILE, run_id)
+        checkpoint_path.unlink()  # training completed: the scratch checkpoint has done its job
+        print(
+            f"best validation accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']}, "
+            f"{metrics['train_seconds']:.1f}s of training; MLflow run {run_id}"
         )
-        tracking.log_dataset(val_split, meta.dataset, "val", paths.SPLIT_FILES["val"], tags["data.val.md5"])
-        result = train(
-            params.train,
-            model_config,
-            train_split,
-            val_split,
-            device,
-            checkpoint_path,
-            on_epoch=tracking.log_epoch,
-        )
-        save_model(paths.MODEL_FILE, model_config, result.best_state)
-        with atomic_path(paths.CHECKPOINT_FILE) as temp:
-            torch.save(result.final_checkpoint, temp)
-        metrics = write_reports(result, paths.TRAIN_HISTORY, paths.TRAIN_METRICS, paths.TRAIN_CURVES_PNG)
-        tracking.log_results(
-            metrics, [paths.TRAIN_CURVES_PNG, paths.TRAIN_HISTORY, params_module.PARAMS_FILE]
-        )
-        tracking.write_run_file(paths.RUN_FILE, run_id)
-    checkpoint_path.unlink()  # training completed: the scratch checkpoint has done its job
-    print(
-        f"best validation accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']}, "
-        f"{metrics['train_seconds']:.1f}s of training; MLflow run {run_id}"
-    )
 
 
 if __name__ == "__main__":

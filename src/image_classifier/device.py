@@ -47,6 +47,6 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
-def set_threads(threads: int) -> None:
-    """Use `threads` CPU threads, or every core this process may run on when 0."""
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+def set_threads(threads: int, processes: int = 1) -> None:
+    """Use `threads` CPU threads, or, when 0, this process's share of the cores it may run on."""
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // processes))

@@ -69,8 +69,10 @@ class TrainParams:
     channels_last: bool
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"]
     threads: int
+    processes: int
 
     def check(self) -> None:
+        _require(1 <= self.processes <= 64, "train.processes", self.processes, "1 to 64 processes")
         _require(self.width >= 1, "train.width", self.width, "an integer >= 1")
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from image_classifier.data import Split
 from image_classifier.device import autocast_dtype
+from image_classifier.distributed import max_across, rank_and_world, sum_across
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_path
 from image_classifier.models import build_model, predict_logits, to_float
@@ -85,10 +86,11 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def batch_starts(num_samples: int, batch_size: int) -> list[int]:
-    """Start index of every batch; a last batch of one image is dropped (batch norm cannot train on it)."""
+def batch_starts(num_samples: int, batch_size: int, processes: int = 1) -> list[int]:
+    """Start index of every batch. A last batch too small to give each process two images is dropped
+    (batch norm cannot train on one)."""
     starts = list(range(0, num_samples, batch_size))
-    if len(starts) > 1 and num_samples - starts[-1] == 1:
+    if len(starts) > 1 and num_samples - starts[-1] < 2 * processes:
         starts.pop()
     return starts
 
@@ -132,7 +134,11 @@ def train(
     checkpoint_path: Path,
     on_epoch: Callable[[dict[str, float]], None] = lambda stats: None,
 ) -> TrainResult:
-    """Train `model_config`'s model; resume from `checkpoint_path` if an earlier run left one there."""
+    """Train `model_config`'s model; resume from `checkpoint_path` if an earlier run left one there.
+
+    Under torchrun each process trains on its share of every global batch; only rank 0 reports and checkpoints.
+    """
+    rank, world = rank_and_world()
     if params.batch_size > len(train_split):
         raise UserError(
             f"train.batch_size = {params.batch_size} is larger than the training set ({len(train_split)} images)"
@@ -140,13 +146,15 @@ def train(
     torch.manual_seed(params.seed)
     # Bit-identical reruns on the CPU; on a GPU some kernels have no deterministic version.
     torch.use_deterministic_algorithms(device.type == "cpu")
-    generator = torch.Generator(device).manual_seed(params.seed)
+    generator = torch.Generator(device).manual_seed(params.seed)  # same on every process: same batches
+    # Each process augments different images, so it needs its own stream (only rank 0's is checkpointed).
+    augment_generator = generator if world == 1 else torch.Generator(device).manual_seed(params.seed + rank)
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
     dtype = autocast_dtype(device, params.precision)
 
     model = build_model(model_config).to(device, memory_format=memory_format)
     optimizer = make_optimizer(params, model)
-    starts = batch_starts(len(train_split), params.batch_size)
+    starts = batch_starts(len(train_split), params.batch_size, world)
     scheduler = make_scheduler(params, optimizer, params.epochs * len(starts))
     images, labels = train_split.images.to(device), train_split.labels.to(device)
     val_images, val_labels = val_split.images.to(device), val_split.labels.to(device)
@@ -164,19 +172,24 @@ def train(
         torch.set_rng_state(checkpoint["torch_rng"].cpu())
         history, best = checkpoint["history"], checkpoint["best"]
         first_epoch = checkpoint["epoch"] + 1
-        print(f"resuming from {checkpoint_path} after epoch {checkpoint['epoch']}")
-        for stats in history:  # so a new tracking run still holds the whole history
-            on_epoch(stats)
+        if rank == 0:
+            print(f"resuming from {checkpoint_path} after epoch {checkpoint['epoch']}")
+            for stats in history:  # so a new tracking run still holds the whole history
+                on_epoch(stats)
 
     step_model: nn.Module = model
+    if world > 1:
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     compile_seconds = 0.0
     if params.compile != "none":
-        step_model = torch.compile(model, mode=params.compile)
+        step_model = torch.compile(step_model, mode=params.compile)
 
     def train_step(
         batch_images: torch.Tensor, batch_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_images = augment(batch_images, params.crop_padding, params.flip, generator)
+        batch_images = augment(batch_images, params.crop_padding, params.flip, augment_generator)
         inputs = to_float(batch_images).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = step_model(inputs)
@@ -196,8 +209,9 @@ def train(
         correct = torch.zeros((), device=device, dtype=torch.long)
         first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
         seen = 0
-        for step, start in enumerate(tqdm(starts, desc=f"epoch {epoch}/{params.epochs}", leave=False)):
-            index = order[start : start + params.batch_size]
+        progress = tqdm(starts, desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=rank != 0)
+        for step, start in enumerate(progress):
+            index = order[start : start + params.batch_size][rank::world]
             loss, hits = train_step(images[index], labels[index])
             if step == 0 and epoch == first_epoch and params.compile != "none":
                 # The first compiled step is compilation: report it apart from training time.
@@ -210,6 +224,10 @@ def train(
             loss_sum += loss * len(index)
             correct += hits
             seen += len(index)
+        seen_total = torch.tensor(seen, device=device)
+        sum_across(loss_sum, correct, seen_total)
+        max_across(first_bad_step)
+        seen = int(seen_total)
         if first_bad_step.item() >= 0:
             raise UserError(
                 f"loss became non-finite at epoch {epoch}, step {first_bad_step.item()}; training stopped, the "
@@ -247,13 +265,15 @@ def train(
             "best": best,
             "epoch": epoch,
         }
-        with atomic_path(checkpoint_path) as temp:
-            torch.save(checkpoint, temp)
-        print(
-            f"epoch {epoch}/{params.epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_accuracy']:.4f}"
-            f" | val loss {val_loss:.4f} acc {val_accuracy:.4f} | {seconds:.1f}s, {stats['samples_per_second']:.0f}/s"
-        )
-        on_epoch(stats)
+        if rank == 0:
+            with atomic_path(checkpoint_path) as temp:
+                torch.save(checkpoint, temp)
+            print(
+                f"epoch {epoch}/{params.epochs}: train loss {stats['train_loss']:.4f} "
+                f"acc {stats['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_accuracy:.4f} | "
+                f"{seconds:.1f}s, {stats['samples_per_second']:.0f}/s"
+            )
+            on_epoch(stats)
 
     return TrainResult(
         best_state={k: v.cpu() for k, v in best["state"].items()},

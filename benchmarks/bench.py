@@ -1,0 +1,325 @@
+"""Speed benchmark: our train path against the PyTorch quickstart as its tutorial writes it.
+
+    make bench                      # or: python benchmarks/bench.py [--skip-tutorial]
+
+Prints a markdown table. Every measurement runs in a fresh child process (same start-up for each, and the
+child's peak memory is read from the OS); run it on an otherwise idle machine: other load distorts timings.
+Needs the fetched data (data/raw, from `dvc repro fetch`) and, for the no-op repro row, a finished `dvc repro`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+THRESHOLDS = (0.90, 0.91, 0.92)
+
+
+def quickstart_tutorial(device_name: str) -> dict:
+    """The "Learn the Basics" quickstart, as written: torchvision dataset, ToTensor, DataLoader(batch_size=64)."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision.transforms import ToTensor
+
+    from image_classifier.models import QuickstartMLP
+
+    root = Path(tempfile.mkdtemp()) / "FashionMNIST" / "raw"
+    root.mkdir(parents=True)
+    for file in (REPO / "data/raw").iterdir():  # torchvision reads the decompressed IDX files from <root>/raw
+        (root / file.name).symlink_to(file)
+    training_data = datasets.FashionMNIST(
+        root=root.parent.parent, train=True, download=False, transform=ToTensor()
+    )
+    test_data = datasets.FashionMNIST(
+        root=root.parent.parent, train=False, download=False, transform=ToTensor()
+    )
+    train_dataloader = DataLoader(training_data, batch_size=64)
+    test_dataloader = DataLoader(test_data, batch_size=64)
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = QuickstartMLP((1, 28, 28), 10).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    started = time.perf_counter()
+    for _ in range(5):
+        model.train()
+        for images, labels in train_dataloader:
+            images, labels = images.to(device), labels.to(device)
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for images, labels in test_dataloader:
+                images, labels = images.to(device), labels.to(device)
+                correct += (model(images).argmax(1) == labels).sum().item()
+    return {"seconds": time.perf_counter() - started, "test_accuracy": correct / len(test_data)}
+
+
+def our_train(overrides: dict, device_name: str, val_size: int) -> dict:
+    """Our train loop (the train stage's library call) with `overrides` on params.yaml; per-epoch history."""
+    import torch
+    import yaml
+
+    from image_classifier import params as params_module
+    from image_classifier.data import decode_idx, stratified_indices
+    from image_classifier.datasets import get_dataset
+    from image_classifier.device import set_threads
+    from image_classifier.models import predict_logits
+    from image_classifier.train import train
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(overrides, device=device_name)
+    params = params_module.from_dict(raw)
+    set_threads(params.train.threads)
+    spec = get_dataset(params.data.dataset)
+    splits = decode_idx(REPO / "data/raw", spec)
+    rest, val_index = stratified_indices(splits["train"].labels, val_size, seed=0)
+    train_split, val_split = splits["train"].subset(rest), splits["train"].subset(val_index)
+    pixels = train_split.images.double() / 255
+    config = {
+        "dataset": spec.name,
+        "model": params.train.model,
+        "width": params.train.width,
+        "image_shape": list(spec.image_shape),
+        "classes": list(spec.classes),
+        "mean": [pixels.mean().item()],
+        "std": [pixels.std().item()],
+    }
+    device = torch.device(device_name)
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        result = train(params.train, config, train_split, val_split, device, Path(scratch) / "resume.pt")
+        seconds = time.perf_counter() - started
+    from image_classifier.models import build_model
+
+    model = build_model(config).to(device)
+    model.load_state_dict(result.best_state)
+    test = splits["test"]
+    logits = predict_logits(model, test.images.to(device), 1000)
+    accuracy = (logits.argmax(1).cpu() == test.labels).float().mean().item()
+    return {
+        "seconds": seconds,
+        "test_accuracy": accuracy,
+        "history": result.history,
+        "compile_seconds": result.compile_seconds,
+    }
+
+
+def preprocess_all() -> dict:
+    """The preprocess stage's library call on all 70,000 images, without interpreter start-up."""
+    from image_classifier import params as params_module
+    from image_classifier.data import preprocess
+    from image_classifier.datasets import get_dataset
+
+    params = params_module.load(REPO / "params.yaml")
+    with tempfile.TemporaryDirectory() as out:
+        files = {name: Path(out) / f"{name}.pt" for name in ("train", "val", "test")}
+        started = time.perf_counter()
+        preprocess(
+            get_dataset(params.data.dataset),
+            params.preprocess,
+            REPO / "data/raw",
+            files,
+            Path(out) / "meta.json",
+            Path(out) / "samples.png",
+        )
+        return {"seconds": time.perf_counter() - started}
+
+
+MEASUREMENTS = {
+    "tutorial": lambda device: quickstart_tutorial(device),
+    # The tutorial's recipe exactly (same 60,000 training images: no validation split), our data path.
+    "recipe": lambda device: our_train(
+        {
+            "model": "mlp",
+            "optimizer": "sgd",
+            "lr": 1e-3,
+            "momentum": 0.0,
+            "nesterov": False,
+            "weight_decay": 0.0,
+            "schedule": "none",
+            "label_smoothing": 0.0,
+            "crop_padding": 0,
+            "flip": False,
+            "batch_size": 64,
+            "epochs": 5,
+            "precision": "fp32",
+        },
+        device,
+        val_size=0,
+    ),
+    "recipe-bf16": lambda device: our_train(
+        {
+            "model": "mlp",
+            "optimizer": "sgd",
+            "lr": 1e-3,
+            "momentum": 0.0,
+            "nesterov": False,
+            "weight_decay": 0.0,
+            "schedule": "none",
+            "label_smoothing": 0.0,
+            "crop_padding": 0,
+            "flip": False,
+            "batch_size": 64,
+            "epochs": 5,
+            "precision": "bf16",
+        },
+        device,
+        val_size=0,
+    ),
+    "default": lambda device: our_train({}, device, val_size=5000),
+    "preprocess": lambda device: preprocess_all(),
+}
+
+
+def measure(name: str, device: str) -> dict:
+    """Run one measurement in a child process; add that child's peak resident memory."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--child", name, "--device", device],
+            stdout=out,
+            stderr=err,
+            cwd=REPO,
+            text=True,
+        )
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not the running maximum
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if child.returncode != 0:
+            raise SystemExit(f"benchmark {name} failed:\n{err.read()[-3000:]}")
+        result = json.loads(out.read().strip().splitlines()[-1])
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def time_command(args: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(args, cwd=REPO, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def first_reaching(history: list[dict], threshold: float) -> str:
+    elapsed = 0.0
+    for row in history:
+        elapsed += row["epoch_seconds"]
+        if row["val_accuracy"] >= threshold:
+            return f"{elapsed:.1f} s (epoch {int(row['epoch'])})"
+    return "not reached"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--skip-tutorial", action="store_true", help="skip the slow tutorial row")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(MEASUREMENTS[args.child](args.device)))
+        return
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not (REPO / "data/raw").is_dir():
+        raise SystemExit("data/raw is missing: run `dvc repro fetch` (or `make repro`) first")
+    rows = []
+    tutorial = None if args.skip_tutorial else measure("tutorial", device)
+    recipe = measure("recipe", device)
+    recipe_bf16 = measure("recipe-bf16", device)
+    default = measure("default", device)
+    preprocess = measure("preprocess", device)
+
+    def vs_tutorial(seconds: float) -> str:
+        return f"{tutorial['seconds'] / seconds:.1f}x faster" if tutorial else "n/a"
+
+    if tutorial:
+        rows.append(
+            (
+                "Quickstart tutorial as written (DataLoader, MLP, SGD 1e-3, batch 64, 5 epochs)",
+                f"{tutorial['seconds']:.1f} s",
+                f"{tutorial['test_accuracy']:.4f}",
+                "1.0x",
+            )
+        )
+    for label, result in (("fp32", recipe), ("bf16 autocast", recipe_bf16)):
+        rows.append(
+            (
+                f"Same recipe through our train loop ({label})",
+                f"{result['seconds']:.1f} s",
+                f"{result['test_accuracy']:.4f}",
+                vs_tutorial(result["seconds"]),
+            )
+        )
+    history = default["history"]
+    train_seconds = sum(row["epoch_seconds"] for row in history)
+    target = tutorial["test_accuracy"] if tutorial else 0.65
+    reached = first_reaching(history, target)
+    rows.append(
+        (
+            f"Default config: to the tutorial's accuracy ({target:.4f}) on validation",
+            reached,
+            "",
+            vs_tutorial(float(reached.split()[0])) if reached != "not reached" else "",
+        )
+    )
+    for threshold in THRESHOLDS:
+        rows.append(
+            (
+                f"Default config: to {threshold:.0%} validation accuracy",
+                first_reaching(history, threshold),
+                "",
+                "",
+            )
+        )
+    rows.append(
+        (
+            f"Default config: all {len(history)} epochs, test accuracy",
+            f"{train_seconds:.1f} s",
+            f"{default['test_accuracy']:.4f}",
+            "",
+        )
+    )
+    rows.append(
+        ("Preprocess all 70,000 images (library call, no start-up)", f"{preprocess['seconds']:.2f} s", "", "")
+    )
+    rows.append(
+        (
+            "Preprocess stage, whole process (`python stages/preprocess.py`)",
+            f"{time_command([sys.executable, 'stages/preprocess.py']):.1f} s",
+            "",
+            "",
+        )
+    )
+    if (REPO / "dvc.lock").is_file():
+        env_bin = str(Path(sys.executable).parent)
+        os.environ["PATH"] = f"{env_bin}:{os.environ['PATH']}"
+        time_command(["dvc", "repro"])  # brings the workspace up to date if it was not
+        rows.append(("No-op `dvc repro`", f"{time_command(['dvc', 'repro']):.2f} s", "", ""))
+    rows.append(("Peak memory of the default training process", f"{default['peak_rss_mb']:.0f} MB", "", ""))
+
+    name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"{os.cpu_count()}-core {platform.processor() or platform.machine()}"
+    )
+    print(f"\nDevice: {device} ({name}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
+    print("| Measurement | Time | Test accuracy | vs tutorial |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "src"))
+    main()
