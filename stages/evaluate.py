@@ -1,15 +1,17 @@
 """Stage 4: test-set metrics, the confusion matrix and misclassified examples, added to the training run."""
 
 from image_classifier import params as params_module
-from image_classifier import paths, tracking
-from image_classifier.data import load_split
 from image_classifier.errors import run_cli
-from image_classifier.evaluate import evaluate, flat_metrics
-from image_classifier.export import load_model
 
 
 def main() -> None:
     params = params_module.load()
+    # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
+    from image_classifier import paths, tracking
+    from image_classifier.data import load_split
+    from image_classifier.evaluate import evaluate, flat_metrics
+    from image_classifier.export import load_model
+
     tracking.connect(params.tracking)
     model, config = load_model(paths.MODEL_FILE)
     test = load_split(paths.SPLIT_FILES["test"])

@@ -1,14 +1,16 @@
 """Stage 2: decode the raw files into uint8 tensors, carve off a stratified validation split, save them."""
 
 from image_classifier import params as params_module
-from image_classifier.data import preprocess
-from image_classifier.datasets import get_dataset
 from image_classifier.errors import run_cli
-from image_classifier.paths import META_FILE, RAW_DIR, SAMPLES_PNG, SPLIT_FILES
 
 
 def main() -> None:
     params = params_module.load()
+    # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
+    from image_classifier.data import preprocess
+    from image_classifier.datasets import get_dataset
+    from image_classifier.paths import META_FILE, RAW_DIR, SAMPLES_PNG, SPLIT_FILES
+
     spec = get_dataset(params.data.dataset)
     preprocess(spec, params.preprocess, RAW_DIR, SPLIT_FILES, META_FILE, SAMPLES_PNG)
 

@@ -1,19 +1,21 @@
 """Stage 3: train the model `train.model` names, log every epoch to MLflow, keep the best by validation accuracy."""
 
-import torch
-
-from image_classifier import distributed, paths, tracking
 from image_classifier import params as params_module
-from image_classifier.data import Meta, load_split
-from image_classifier.device import describe, pick_device, set_threads
 from image_classifier.errors import run_cli
-from image_classifier.export import save_model
-from image_classifier.files import atomic_path
-from image_classifier.train import resume_path, train, write_reports
 
 
 def main() -> None:
     params = params_module.load()
+    # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
+    import torch
+
+    from image_classifier import distributed, paths, tracking
+    from image_classifier.data import Meta, load_split
+    from image_classifier.device import describe, pick_device, set_threads
+    from image_classifier.export import save_model
+    from image_classifier.files import atomic_path
+    from image_classifier.train import resume_path, train, write_reports
+
     if params.train.processes > 1 and not distributed.is_worker():
         distributed.relaunch(params.train.processes)  # reruns this script under torchrun
     set_threads(params.train.threads, params.train.processes)
