@@ -33,14 +33,17 @@ def main() -> None:
             f"export.max_logit_diff = {params.export.max_logit_diff:g}"
         )
 
+    with atomic_path(paths.EXPORT_METRICS) as temp:
+        temp.write_text(json.dumps(parity, indent=2) + "\n")
+
     test_accuracy = json.loads(paths.EVAL_METRICS.read_text())["accuracy"]
     with tracking.resume_run(paths.RUN_FILE):
-        tracking.log_results(parity, [paths.ONNX_FILE, paths.MODEL_CONFIG], folder="export")
+        tracking.log_results(
+            parity, [paths.ONNX_FILE, paths.MODEL_CONFIG, paths.EXPORT_METRICS], folder="export"
+        )
         registered = tracking.log_and_register_model(
             model, example, tracking.model_name(params.tracking, config["dataset"]), test_accuracy
         )
-    with atomic_path(paths.EXPORT_METRICS) as temp:
-        temp.write_text(json.dumps(parity, indent=2) + "\n")
     print(
         f"ONNX vs PyTorch on {parity['onnx_checked_images']} test images: max |logit diff| "
         f"{parity['onnx_max_abs_logit_diff']:.2e}, agreement {parity['onnx_prediction_agreement']:.4f}; "

@@ -69,7 +69,9 @@ def main() -> None:
                 torch.save(result.final_checkpoint, temp)
             metrics = write_reports(result, paths.TRAIN_HISTORY, paths.TRAIN_METRICS, paths.TRAIN_CURVES_PNG)
             tracking.log_results(
-                metrics, [paths.TRAIN_CURVES_PNG, paths.TRAIN_HISTORY, params_module.PARAMS_FILE]
+                metrics,
+                [paths.TRAIN_CURVES_PNG, paths.TRAIN_HISTORY, paths.TRAIN_METRICS, params_module.PARAMS_FILE],
+                folder="train",
             )
             tracking.write_run_file(paths.RUN_FILE, run_id)
         checkpoint_path.unlink()  # training completed: the scratch checkpoint has done its job

@@ -7,8 +7,10 @@ row in the MLflow UI holds train, validation and test metrics and every exported
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,11 @@ from image_classifier.params import TrackingParams
 
 STORE_DIR = "mlruns"
 CANDIDATE, CHAMPION = "candidate", "champion"
+# Files DVC rewrites while a pipeline runs: their changes say nothing about the code or params of a run.
+NOT_SOURCE = ("dvc.lock",)
+DIFF_ARTIFACT = "source/uncommitted.diff"
+# How long the reachability check waits for a tracking server before the train stage gives up.
+PROBE_TIMEOUT_S = 5
 
 
 def repo_root() -> Path:
@@ -36,39 +43,74 @@ def repo_root() -> Path:
 
 
 def tracking_uri(params: TrackingParams) -> str:
-    """$MLFLOW_TRACKING_URI, else `tracking.uri`, else the SQLite store in mlruns/ at the repository root."""
+    """$MLFLOW_TRACKING_URI, else `tracking.uri`, else the SQLite store in mlruns/ at the repository root.
+
+    A relative SQLite path is taken from the repository root, not from DVC's temporary copy of it."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.uri
-    if uri:
-        return uri
-    return f"sqlite:///{repo_root() / STORE_DIR / 'mlflow.db'}"
+    if not uri:
+        return f"sqlite:///{repo_root() / STORE_DIR / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{repo_root() / uri.removeprefix('sqlite:///')}"
+    return uri
 
 
 def model_name(params: TrackingParams, dataset: str) -> str:
     return params.model_name or f"{dataset}-classifier"
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def _quick_requests() -> Iterator[None]:
+    """Within the block, an HTTP tracking server gets one try and PROBE_TIMEOUT_S seconds, instead of MLflow's
+    default of minutes of retries; the defaults come back afterwards, for the uploads of a long run."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _short_reason(error: Exception) -> str:
+    """The cause of a failed request in a few words ('[Errno 111] Connection refused'), else the message."""
+    text = " ".join(str(error).split())
+    for pattern in (r"\[Errno -?\d+\][^'\")]*", r"[Rr]ead timed out", r"timed out", r"error code \d+[^.]*"):
+        match = re.search(pattern, text)
+        if match:
+            return match.group(0).strip()
+    return text[:160]
+
+
 def connect(params: TrackingParams) -> str:
-    """Point MLflow at the configured store and fail fast, in one line naming the URI, if it cannot be used."""
+    """Point MLflow at the configured store, create the experiment if needed, and fail fast, in one line
+    naming the URI, if the store cannot be used. Returns the URI."""
     uri = tracking_uri(params)
-    if uri.startswith("sqlite:///"):
-        (repo_root() / STORE_DIR).mkdir(parents=True, exist_ok=True)
-    else:
-        # Ask once, quickly, instead of MLflow's default of minutes of retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    database = _sqlite_path(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        experiment = mlflow.get_experiment_by_name(params.experiment)
-        if experiment is None:
-            artifacts = (
-                (repo_root() / STORE_DIR / "artifacts").as_uri() if uri.startswith("sqlite:") else None
-            )
-            mlflow.create_experiment(params.experiment, artifact_location=artifacts)
-        mlflow.set_experiment(params.experiment)
+        with _quick_requests():
+            experiment = mlflow.get_experiment_by_name(params.experiment)
+            if experiment is None:
+                # Artifacts of a SQLite store sit beside the database; a server decides for itself.
+                artifacts = (database.parent / "artifacts").as_uri() if database is not None else None
+                mlflow.create_experiment(params.experiment, artifact_location=artifacts)
+            mlflow.set_experiment(params.experiment)
     except (MlflowException, OSError) as error:
-        reason = " ".join(str(error).split())[:200]
-        raise UserError(f"MLflow tracking store {uri} cannot be used: {reason}") from None
+        raise UserError(
+            f"cannot use the MLflow tracking store {uri} ({_short_reason(error)}); start it, or point "
+            "MLFLOW_TRACKING_URI or tracking.uri in params.yaml at one that works"
+        ) from None
     return uri
 
 
@@ -84,6 +126,15 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _source_pathspec() -> list[str]:
+    return ["--", ".", *(f":(exclude){name}" for name in NOT_SOURCE)]
+
+
+def uncommitted_diff() -> str:
+    """`git diff HEAD` of tracked files, less the files DVC itself rewrites: what makes a tree dirty."""
+    return _git("diff", "HEAD", "--no-color", "--no-ext-diff", *_source_pathspec())
+
+
 def file_md5(path: Path) -> str:
     """The md5 DVC records for a file in dvc.lock, so a tag points at the exact cached object."""
     digest = hashlib.md5()
@@ -94,14 +145,17 @@ def file_md5(path: Path) -> str:
 
 
 def source_tags(data_files: dict[str, Path], device: str) -> dict[str, str]:
-    """Tags that trace a run to its code, data and machine, and say how to get its outputs back."""
+    """Tags that trace a run to its code, data and machine, and say how to get its outputs back.
+
+    `git.dirty` ignores dvc.lock, which `dvc repro` rewrites as it goes. `reproduce` for a DVC experiment is
+    `dvc exp apply` (the experiment's commit holds its params, code and outputs); for a plain `dvc repro` it
+    is a checkout of the commit and `dvc repro` (outputs come back from DVC's run cache where it has them);
+    a dirty tree's changes are logged with the run (see `start_run`)."""
     commit = _git("rev-parse", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", *_source_pathspec()))
     experiment = os.environ.get("DVC_EXP_NAME")
-    if experiment:
-        reproduce = f"git checkout {commit[:12]} && dvc exp apply {experiment} && dvc checkout"
-    else:
-        reproduce = f"git checkout {commit[:12]} && dvc checkout" if commit else "dvc repro"
+    checkout = f"git checkout {commit} && " if commit else ""
+    reproduce = checkout + (f"dvc exp apply {experiment}" if experiment else "dvc repro")
     tags = {
         "git.commit": commit or "unknown",
         "git.dirty": str(dirty).lower(),
@@ -113,26 +167,47 @@ def source_tags(data_files: dict[str, Path], device: str) -> dict[str, str]:
     tags.update({f"data.{name}.md5": file_md5(path) for name, path in data_files.items()})
     if experiment:
         tags["dvc.experiment"] = experiment
+        if os.environ.get("DVC_EXP_BASELINE_REV"):
+            tags["dvc.baseline"] = os.environ["DVC_EXP_BASELINE_REV"]
     return tags
 
 
 @contextmanager
 def start_run(flat_params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
-    """A run with every param and the source tags, ended as FAILED if the block raises; yields its id."""
+    """A run with every param and the source tags, ended as FAILED if the block raises; yields its id.
+
+    A run from a dirty tree outside a DVC experiment also gets the uncommitted changes as an artifact, and a
+    `reproduce` command that applies them."""
     with mlflow.start_run(run_name=run_name() or None, tags=tags) as run:
         mlflow.log_params(flat_params)
+        if tags.get("git.dirty") == "true" and "dvc.experiment" not in tags:
+            diff = uncommitted_diff()
+            if diff:
+                mlflow.log_text(diff + "\n", DIFF_ARTIFACT)
+                commit = tags.get("git.commit", "HEAD")
+                mlflow.set_tag(
+                    "reproduce",
+                    f"git checkout {commit} && mlflow artifacts download -r {run.info.run_id} "
+                    f"-a {DIFF_ARTIFACT} -d . && git apply {DIFF_ARTIFACT} && dvc repro",
+                )
         yield run.info.run_id
 
 
 def log_dataset(split: Split, dataset: str, context: str, path: Path, md5: str) -> None:
-    """Record a split as an MLflow dataset whose digest is the md5 DVC records for its file."""
-    logged = mlflow.data.from_numpy(
-        features=split.images[:1].numpy(),  # the schema needs one example, not the whole set
-        targets=split.labels[:1].numpy(),
-        source=str(Path(path).resolve()),
-        name=f"{dataset}-{context}",
-        digest=md5[:16],
-    )
+    """Record a split as an MLflow dataset whose digest is the md5 DVC records for its file.
+
+    The source is the file's place in the user's repository (where `dvc checkout` or `dvc exp apply` puts it),
+    not DVC's temporary copy; the profile gives the split's real shape."""
+    with warnings.catch_warnings():
+        # MLflow 3.17 registers its local-file source twice and warns that the path is ambiguous.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        logged = mlflow.data.from_numpy(
+            features=split.images.numpy(),
+            targets=split.labels.numpy(),
+            source=str(repo_root() / path),
+            name=f"{dataset}-{context}",
+            digest=md5[:16],
+        )
     mlflow.log_input(logged, context=context)
 
 
@@ -152,20 +227,29 @@ def write_run_file(path: Path, run_id: str) -> None:
         temp.write_text(json.dumps({"run_id": run_id}, indent=2) + "\n")
 
 
+def read_run_id(path: Path) -> str:
+    return json.loads(Path(path).read_text())["run_id"]
+
+
 @contextmanager
 def resume_run(run_file: Path) -> Iterator[str]:
     """Reopen the training run named in `run_file`. If this store lacks it (outputs pulled from a teammate
     without their MLflow server), open a new run tagged with the missing id rather than lose the results."""
-    run_id = json.loads(Path(run_file).read_text())["run_id"]
+    run_id = read_run_id(run_file)
     try:
         MlflowClient().get_run(run_id)
     except MlflowException:
         print(f"warning: MLflow run {run_id} is not in this store; logging to a new run", file=sys.stderr)
-        with mlflow.start_run(tags={"trained_in_run": run_id}) as run:
+        with mlflow.start_run(run_name=run_name() or None, tags={"trained_in_run": run_id}) as run:
             yield run.info.run_id
         return
     with mlflow.start_run(run_id=run_id) as run:
         yield run.info.run_id
+
+
+def _pip_requirements() -> list[str]:
+    """What the logged model needs to load: the PyTorch and NumPy this run used (MLflow adds itself)."""
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
 
 
 def log_and_register_model(
@@ -174,30 +258,33 @@ def log_and_register_model(
     registered_name: str,
     test_accuracy: float,
 ) -> dict[str, Any]:
-    """Log the model (MLflow 3 API), register a new version, alias it `candidate`, and move `champion` to it
-    only if it beats the current champion's test accuracy. Returns the version and the decision."""
+    """Log the model into the active run (MLflow 3 API), register a new version, alias it `candidate`, and
+    move `champion` to it only if its test accuracy beats the current champion's; the decision is recorded on
+    the version (tag `decision` and its description). Returns the name, version, decision and whether it won."""
     model = model.cpu().eval()  # pt2 loading keeps the mode it was saved in
-    example_np = example.cpu().float().numpy()
+    example = example.detach().cpu().float()
+    if example.shape[0] < 2:
+        raise ValueError("the input example needs a batch of at least 2, or the saved model's batch is fixed")
     with torch.no_grad():
-        output = model(example.cpu().float()).numpy()
-    signature = mlflow.models.infer_signature(example_np, output)
+        output = model(example).numpy()
+    example_np = example.numpy()
     info = mlflow.pytorch.log_model(
         model,
         name="model",
-        signature=signature,
+        signature=mlflow.models.infer_signature(example_np, output),
         input_example=example_np,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+        pip_requirements=_pip_requirements(),
         registered_model_name=registered_name,
     )
     client = MlflowClient()
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(registered_name, CANDIDATE, version)
     client.set_model_version_tag(registered_name, version, "test_accuracy", f"{test_accuracy:.6f}")
     try:
         champion = client.get_model_version_by_alias(registered_name, CHAMPION)
         champion_accuracy = float(champion.tags.get("test_accuracy", "-1"))
     except MlflowException:
         champion, champion_accuracy = None, -1.0
+    client.set_registered_model_alias(registered_name, CANDIDATE, version)
     promoted = test_accuracy > champion_accuracy
     if promoted:
         client.set_registered_model_alias(registered_name, CHAMPION, version)
@@ -211,4 +298,5 @@ def log_and_register_model(
         )
     client.set_model_version_tag(registered_name, version, "decision", decision)
     client.update_model_version(registered_name, version, description=decision)
+    mlflow.set_tag("model.decision", f"{registered_name} version {version}: {decision}")
     return {"name": registered_name, "version": version, "promoted": promoted, "decision": decision}
