@@ -7,6 +7,8 @@ MODEL ?= fashion-mnist-classifier
 PORT ?= 5000
 SERVE_PORT ?= 5001
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
+# `make serve` takes the model from the MLFLOW_TRACKING_URI environment variable (a team server) when set.
+SERVE_STORE = $(or $(MLFLOW_TRACKING_URI),$(STORE))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup setup-test repro test test-fast lint format bench ui serve predict clean
@@ -39,11 +41,12 @@ bench: setup ## Measure speed against the PyTorch quickstart; prints a markdown 
 	python benchmarks/bench.py
 
 ui: setup ## MLflow UI over the local store on http://127.0.0.1:$(PORT)
+	@mkdir -p mlruns/artifacts
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host 127.0.0.1 --port $(PORT) --workers 1 \
 	  --backend-store-uri $(STORE) --artifacts-destination $(CURDIR)/mlruns/artifacts
 
 serve: setup ## Serve the champion model over REST on http://127.0.0.1:$(SERVE_PORT)/invocations
-	MLFLOW_TRACKING_URI=$(STORE) mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
+	MLFLOW_TRACKING_URI=$(SERVE_STORE) mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
 	  --host 127.0.0.1 --port $(SERVE_PORT)
 
 predict: ## Classify the first test images with the trained model (predict --help for more)
