@@ -9,9 +9,14 @@ SERVE_PORT ?= 5001
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
 # `make serve` takes the model from the MLFLOW_TRACKING_URI environment variable (a team server) when set.
 SERVE_STORE = $(or $(MLFLOW_TRACKING_URI),$(STORE))
+# `make team-server`: the team's MLflow server keeps its database and artifacts here, listens on 127.0.0.1
+# unless TEAM_HOST=0.0.0.0 TEAM_ALLOWED_HOSTS=name[:port],... open it to the network (it has no login).
+TEAM_STORE ?= $(HOME)/mlflow-team
+TEAM_HOST ?= 127.0.0.1
+TEAM_ALLOWED_HOSTS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-test repro test test-fast lint format bench ui serve predict clean
+.PHONY: help setup setup-test repro test test-fast lint format bench ui team-server serve predict clean
 
 help: ## List the common commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -44,6 +49,12 @@ ui: setup ## MLflow UI over the local store on http://127.0.0.1:$(PORT)
 	@mkdir -p mlruns/artifacts
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host 127.0.0.1 --port $(PORT) --workers 1 \
 	  --backend-store-uri $(STORE) --artifacts-destination $(CURDIR)/mlruns/artifacts
+
+team-server: setup ## Shared MLflow server for teammates (TEAM_STORE=folder) on http://127.0.0.1:$(PORT)
+	@mkdir -p $(TEAM_STORE)/artifacts
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host $(TEAM_HOST) --port $(PORT) --workers 1 \
+	  --backend-store-uri sqlite:///$(abspath $(TEAM_STORE))/mlflow.db \
+	  --artifacts-destination $(abspath $(TEAM_STORE))/artifacts$(if $(TEAM_ALLOWED_HOSTS), --allowed-hosts $(TEAM_ALLOWED_HOSTS))
 
 serve: setup ## Serve the champion model over REST on http://127.0.0.1:$(SERVE_PORT)/invocations
 	MLFLOW_TRACKING_URI=$(SERVE_STORE) mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
