@@ -477,9 +477,8 @@ def test_mlflow_ui_shows_the_runs_side_by_side(
             page.wait_for_selector("text=Run details")
             close_assistant(page)
             for found in runs:
-                assert page.get_by_text(found.info.run_name, exact=True).first.is_visible(), (
-                    found.info.run_name
-                )
+                name = found.info.run_name
+                assert page.get_by_text(name, exact=True).first.is_visible(), name
             plot_metric(page, "test_accuracy")
             page.get_by_role("switch").first.click()  # parameters: show only those that differ
             lr_row = page.locator("tr", has=page.get_by_text("train.lr", exact=True)).last
@@ -491,10 +490,9 @@ def test_mlflow_ui_shows_the_runs_side_by_side(
             browser.close()
     for name in ("mlflow-runs.png", "mlflow-compare.png"):
         assert (shots / name).read_bytes()[:4] == b"\x89PNG" and (shots / name).stat().st_size > 10_000
-    keep = os.environ.get(
-        "MLFLOW_SCREENSHOT_DIR"
-    )  # MLFLOW_SCREENSHOT_DIR=docs refreshes the README's picture
-    if keep:  # 128 colours: a third of the bytes
+    # MLFLOW_SCREENSHOT_DIR=docs refreshes the README's picture, in 128 colours (a third of the bytes).
+    keep = os.environ.get("MLFLOW_SCREENSHOT_DIR")
+    if keep:
         picture = Image.open(shots / "mlflow-compare.png").convert("RGB").quantize(colors=128)
         picture.save(Path(keep) / "mlflow-compare.png", optimize=True)
 
