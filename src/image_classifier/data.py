@@ -12,12 +12,14 @@ import torch
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from image_classifier.datasets import DatasetSpec
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, load_failure
 from image_classifier.files import atomic_path
 from image_classifier.params import PreprocessParams
 from image_classifier.plots import save_image_grid
 
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 data with 3 and 1 dimensions
+# How to recover a damaged processed file: DVC's cache has the last good copy, or the stage rebuilds it.
+_REBUILD = "restore it with 'dvc checkout preprocess' or rebuild it with 'dvc repro -f preprocess'"
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,15 @@ class Meta:
 
     @classmethod
     def load(cls, path: Path) -> "Meta":
-        return cls(**json.loads(Path(path).read_text()))
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise UserError(
+                f"{path} is missing; run the preprocess stage first (dvc repro preprocess)"
+            ) from None
+        except (OSError, ValueError, TypeError) as error:  # unreadable, not JSON, or other keys
+            reason = " ".join(str(error).split())[:160]
+            raise UserError(f"{path} is damaged ({reason}); {_REBUILD}") from None
 
 
 def decode_idx(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
@@ -136,8 +146,11 @@ def save_split(split: Split, path: Path) -> None:
 def load_split(path: Path) -> Split:
     if not Path(path).is_file():
         raise UserError(f"{path} is missing; run the preprocess stage first (dvc repro preprocess)")
-    tensors = torch.load(path, weights_only=True, mmap=True)
-    return Split(tensors["images"], tensors["labels"])
+    try:
+        tensors = torch.load(path, weights_only=True, mmap=True)
+        return Split(tensors["images"], tensors["labels"])
+    except Exception as error:  # any damage: a truncated zip, refused pickle, missing keys, not a dict
+        raise UserError(f"{path} cannot be loaded: {load_failure(error)}; {_REBUILD}") from None
 
 
 def preprocess(

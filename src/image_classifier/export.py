@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, load_failure
 from image_classifier.files import atomic_path
 from image_classifier.models import ImageClassifier, build_model, predict_logits, to_float
 
@@ -28,8 +28,7 @@ def load_model(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
     except FileNotFoundError:
         raise UserError(f"model file {path} does not exist; run the pipeline first (dvc repro)") from None
     except Exception as error:  # any corruption: unpickling, missing keys, wrong shapes
-        reason = " ".join(str(error).split())[:160]
-        raise UserError(f"cannot load model file {path}: {type(error).__name__}: {reason}") from None
+        raise UserError(f"cannot load model file {path}: {load_failure(error)}") from None
     return model.eval(), saved["config"]
 
 
