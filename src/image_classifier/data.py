@@ -5,17 +5,16 @@ loads with `torch.load(weights_only=True)`: no pickled code runs when a teammate
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from image_classifier.datasets import DatasetSpec
 from image_classifier.errors import UserError, load_failure
 from image_classifier.files import atomic_path
 from image_classifier.params import PreprocessParams
-from image_classifier.plots import save_image_grid
 
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 data with 3 and 1 dimensions
 # How to recover a damaged processed file: DVC's cache has the last good copy, or the stage rebuilds it.
@@ -83,13 +82,18 @@ def _read_idx(path: Path, kind: str) -> torch.Tensor:
     magic = int.from_bytes(header, "big")
     if magic != IDX_MAGIC[kind]:
         raise UserError(f"{path}: IDX magic number {magic} is wrong; expected {IDX_MAGIC[kind]} for {kind}")
-    reader = read_image_file if kind == "images" else read_label_file
-    try:
-        return reader(str(path))
-    except (AssertionError, RuntimeError, ValueError) as error:
+    # IDX: magic (uint8 data, number of dimensions), one big-endian uint32 size per dimension, then the bytes.
+    data = bytearray(path.read_bytes())
+    start = 4 + 4 * data[3]
+    shape = [int.from_bytes(data[i : i + 4], "big") for i in range(4, start, 4)]
+    if len(data) < start or len(data) - start != math.prod(shape):
         raise UserError(
-            f"{path}: not a valid IDX {kind} file ({error or 'size does not match header'})"
-        ) from None
+            f"{path}: not a valid IDX {kind} file: {len(data)} bytes, but its header promises "
+            f"{start + math.prod(shape)}; delete it and fetch again"
+        )
+    if math.prod(shape) == 0:
+        return torch.zeros(shape, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8, offset=start).view(shape)
 
 
 def validate(split: Split, spec: DatasetSpec, name: str) -> None:
@@ -189,6 +193,8 @@ def preprocess(
         sizes={name: len(split) for name, split in splits.items()},
     )
     meta.save(meta_file)
+    from image_classifier.plots import save_image_grid  # matplotlib: only the stage that draws pays for it
+
     preview = splits["train"].subset(torch.arange(min(36, len(splits["train"]))))
     save_image_grid(
         preview.images,

@@ -12,7 +12,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from image_classifier import paths
-from image_classifier.data import load_split
 from image_classifier.errors import UserError, run_cli
 from image_classifier.export import load_model
 
@@ -70,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         names.append(str(path))
         actuals.append(None)
     if args.index:
+        from image_classifier.data import load_split
+
         test = load_split(paths.SPLIT_FILES["test"])
         for index in args.index:
             if not 0 <= index < len(test):
