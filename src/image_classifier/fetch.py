@@ -62,7 +62,7 @@ def fetch_dataset(
 def _fetch_file(
     remote: RemoteFile, target: Path, local_dirs: list[Path], mirrors: list[str], timeout_s: float
 ) -> None:
-    failures = []
+    failures, rejections = [], []
     for source in _sources(remote.name, local_dirs, mirrors):
         try:
             _install(source, remote, target, timeout_s)
@@ -70,8 +70,11 @@ def _fetch_file(
             failures.append(f"{source}: {_reason(error)}")
             # A missing local copy is the normal case on a machine with network: not worth a line.
             if not isinstance(error, FileNotFoundError):
-                print(f"{remote.name}: rejected {source}: {_reason(error)}", file=sys.stderr)
+                rejections.append(f"{remote.name}: rejected {source}: {_reason(error)}")
         else:
+            # Worth knowing when a later source saved the day; when none does, the error lists them all.
+            for rejection in rejections:
+                print(rejection, file=sys.stderr)
             print(f"{remote.name}: verified, from {source}")
             return
     tried = "; ".join(failures) or "no local folders or mirrors to try"
@@ -127,6 +130,8 @@ def _copy_verified(
             if size > remote.size:  # stop early rather than fill the disk with the wrong thing
                 raise _Rejected(f"larger than the expected {remote.size} bytes")
             out.write(data)
+    if received == 0:
+        raise _Rejected("empty file")
     # http.client returns b"" on a connection closed early instead of raising, so count.
     if total is not None and received < total:
         raise _Rejected(f"transfer ended after {received} of {total} bytes")
