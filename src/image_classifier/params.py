@@ -217,8 +217,23 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         str: isinstance(value, str),
     }[hint]
     if not ok:
-        raise ParamsError(f"{source}: {key} = {value!r} must be {hint.__name__}, not {type(value).__name__}")
+        # PyYAML (YAML 1.1) reads 1e-3 as text: only 1.0e-3 or 0.001 are numbers.
+        tip = ""
+        if hint is float and isinstance(value, str) and _is_number(value):
+            number = yaml.safe_dump(float(value)).splitlines()[0]
+            tip = f"; write it as {number} (quotes, or an exponent without a dot like 1e-3, make YAML read text)"
+        raise ParamsError(
+            f"{source}: {key} = {value!r} must be {hint.__name__}, not {type(value).__name__}{tip}"
+        )
     return float(value) if hint is float else value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
