@@ -229,9 +229,14 @@ def train(
         max_across(first_bad_step)
         seen = int(seen_total)
         if first_bad_step.item() >= 0:
+            kept = (
+                f"the last good checkpoint (epoch {epoch - 1}) is kept at {checkpoint_path}"
+                if epoch > 1
+                else "no epoch completed, so there is no checkpoint"
+            )
             raise UserError(
-                f"loss became non-finite at epoch {epoch}, step {first_bad_step.item()}; training stopped, the "
-                f"last good checkpoint (epoch {epoch - 1}) is kept at {checkpoint_path}; lower train.lr"
+                f"loss became non-finite at epoch {epoch}, step {first_bad_step.item()}; training stopped, "
+                f"{kept}; lower train.lr"
             )
         val_logits = predict_logits(model, val_images, 1000, dtype)
         val_loss = F.cross_entropy(val_logits, val_labels).item() if len(val_labels) else math.nan
