@@ -5,11 +5,11 @@ loads with `torch.load(weights_only=True)`: no pickled code runs when a teammate
 """
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from image_classifier.datasets import DatasetSpec
 from image_classifier.errors import UserError, load_failure
@@ -82,18 +82,14 @@ def _read_idx(path: Path, kind: str) -> torch.Tensor:
     magic = int.from_bytes(header, "big")
     if magic != IDX_MAGIC[kind]:
         raise UserError(f"{path}: IDX magic number {magic} is wrong; expected {IDX_MAGIC[kind]} for {kind}")
-    # IDX: magic (uint8 data, number of dimensions), one big-endian uint32 size per dimension, then the bytes.
-    data = bytearray(path.read_bytes())
-    start = 4 + 4 * data[3]
-    shape = [int.from_bytes(data[i : i + 4], "big") for i in range(4, start, 4)]
-    if len(data) < start or len(data) - start != math.prod(shape):
+    reader = read_image_file if kind == "images" else read_label_file
+    try:
+        return reader(str(path))
+    except (AssertionError, RuntimeError, ValueError):  # torchvision asserts the size matches the header
         raise UserError(
-            f"{path}: not a valid IDX {kind} file: {len(data)} bytes, but its header promises "
-            f"{start + math.prod(shape)}; delete it and fetch again"
-        )
-    if math.prod(shape) == 0:
-        return torch.zeros(shape, dtype=torch.uint8)
-    return torch.frombuffer(data, dtype=torch.uint8, offset=start).view(shape)
+            f"{path}: not a valid IDX {kind} file: its {path.stat().st_size} bytes do not match its header; "
+            "delete it and fetch again"
+        ) from None
 
 
 def validate(split: Split, spec: DatasetSpec, name: str) -> None:
