@@ -1,0 +1,221 @@
+"""The fault suite, interruptions (issue 6): Ctrl-C and SIGKILL during training, SIGKILL in the middle of writing
+fetch, preprocess and export outputs, two `dvc repro` at once, and bad params under `dvc repro`; on a real subset
+of Fashion-MNIST, through DVC, in a fresh copy of the repository.
+
+Training resumes from its last checkpoint and, on the CPU with a fixed seed, ends with weights bit-identical to an
+uninterrupted run; a killed writer never leaves a partial file under an output's name; `dvc repro` recovers.
+"""
+
+import hashlib
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FASHION_DIR, copy_repo, default_params, run, write_params
+from fault_helpers import (
+    history_without_timings,
+    kill_group,
+    outputs_snapshot,
+    register_case_count,
+    run_command,
+    signal_group,
+    start_command,
+    state_dict_hash,
+    visible_lines,
+    wait_for,
+)
+
+from image_classifier.datasets import get_dataset
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make setup)"),
+]
+HARNESS = Path(__file__).resolve().parent / "kill_during_write.py"
+LOCK_MESSAGE = "is busy, it is being blocked by"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _count_cases(request: pytest.FixtureRequest) -> None:
+    register_case_count(request.config)
+
+
+def subset_params() -> dict:
+    raw = default_params()
+    raw["preprocess"].update(val_size=500, train_subset=1200)
+    # Several short epochs on the CPU, fixed seed: resumable and bit-reproducible.
+    raw["train"].update(model="cnn", width=4, epochs=5, batch_size=100, lr=0.05, device="cpu", seed=0)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A repository with fetched and preprocessed data, and the weights of an uninterrupted training run made
+    outside DVC (so DVC's run cache cannot stand in for the interrupted runs later)."""
+    repo = copy_repo(tmp_path_factory.mktemp("interruptions"))
+    write_params(repo, subset_params())
+    run(["dvc", "repro", "preprocess"], cwd=repo)
+    run(["python", "stages/train.py"], cwd=repo)
+    reference = {
+        "repo": repo,
+        "weights": state_dict_hash(repo / "models/model.pt"),
+        "history": history_without_timings(repo / "reports/train/history.csv"),
+    }
+    assert not list((repo / "data/resume").glob("*.pt")), "a completed run removes its scratch checkpoint"
+    return reference
+
+
+def holds_dvc_lock(repo: Path, pid: int) -> bool:
+    """Whether process `pid` holds DVC's write lock on a stage's outputs (it does while the stage runs)."""
+    try:
+        lock = json.loads((repo / ".dvc/tmp/rwlock").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(holder.get("pid") == pid for holder in lock.get("write", {}).values())
+
+
+class Checkpoint:
+    """The epoch of the resumable checkpoint in data/resume, read again only when the file changes."""
+
+    def __init__(self, repo: Path) -> None:
+        self.folder, self.seen, self.epoch = repo / "data/resume", None, 0
+
+    def __call__(self) -> int:
+        files = list(self.folder.glob("train-*.pt"))
+        try:
+            stamp = files[0].stat().st_mtime_ns if len(files) == 1 else None
+            if stamp is None:
+                return 0
+            if stamp != self.seen:
+                self.seen, self.epoch = stamp, torch.load(files[0], weights_only=True)["epoch"]
+        except FileNotFoundError:  # removed by a run that just completed
+            return 0
+        return self.epoch
+
+
+def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict) -> None:
+    repo, checkpoint = pipeline["repo"], Checkpoint(pipeline["repo"])
+
+    # Ctrl-C once epoch 1 is checkpointed: the stage stops with "interrupted", the checkpoint stays.
+    job = start_command(["dvc", "repro", "train"], repo)
+    try:
+        wait_for(lambda: checkpoint() >= 1, job, 300, "epoch 1's checkpoint")
+        signal_group(job, signal.SIGINT)
+        output = job.communicate(timeout=120)[0].decode(errors="replace")
+    finally:
+        kill_group(job)
+    assert job.returncode != 0 and "interrupted" in output, output[-2000:]
+    interrupted = checkpoint()
+    assert interrupted >= 1
+
+    # SIGKILL of the whole job once it has checkpointed one more epoch: nothing gets to clean up.
+    job = start_command(["dvc", "repro", "train"], repo)
+    try:
+        wait_for(lambda: checkpoint() > interrupted, job, 300, "one more epoch's checkpoint")
+        signal_group(job, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        kill_group(job)
+    killed = checkpoint()
+    assert interrupted < killed < 5, (interrupted, killed)
+    model = repo / "models/model.pt"
+    assert not model.exists() or state_dict_hash(model) == pipeline["weights"], "no partial model file"
+
+    # `dvc repro` resumes after the last checkpoint. While it runs the stage, a second `dvc repro` is refused by DVC's lock.
+    job = start_command(["dvc", "repro", "train"], repo)
+    try:
+        wait_for(lambda: holds_dvc_lock(repo, job.pid), job, 300, "the first dvc repro to lock the stage")
+        second = run_command(["dvc", "repro"], repo, timeout=120)
+        output = job.communicate(timeout=300)[0].decode(errors="replace")
+    finally:
+        kill_group(job)
+    assert second.returncode != 0 and LOCK_MESSAGE in second.stderr.decode() + second.stdout.decode()
+    assert job.returncode == 0, output[-3000:]
+    assert f"after epoch {killed}" in output and "resuming from data/resume/train-" in output, output[-3000:]
+    assert state_dict_hash(model) == pipeline["weights"]
+    assert history_without_timings(repo / "reports/train/history.csv") == pipeline["history"]
+    assert not list((repo / "data/resume").glob("*.pt")), "the scratch checkpoint is removed once done"
+    assert "up to date" in run(["dvc", "status", "train"], cwd=repo).stdout
+
+
+def processed_files_are_complete(repo: Path) -> None:
+    for split in ("train", "val", "test"):
+        tensors = torch.load(repo / f"data/processed/{split}.pt", weights_only=True)
+        assert len(tensors["images"]) == len(tensors["labels"]) > 0
+
+
+def test_sigkill_while_fetching_leaves_no_partial_file(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    before = outputs_snapshot(repo)
+    raw = repo / "data/raw"
+    for path in raw.iterdir():  # as on a first run: nothing fetched yet
+        path.unlink()
+    result = run_command(["python", str(HARNESS), "fetch", "1", "stages/fetch.py"], repo)
+    assert result.returncode == -signal.SIGKILL, visible_lines(result.stderr)
+    assert list(raw.glob(".*.part")), "the kill landed mid-write, in a temporary file"
+    spec = get_dataset("fashion-mnist")
+    for remote in spec.files.values():  # a file under its final name is always the verified one
+        path = raw / remote.name
+        assert not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() == remote.sha256
+
+    run(["dvc", "repro", "train"], cwd=repo)
+    assert not list(raw.glob(".*")), "no temporary file left"
+    assert outputs_snapshot(repo) == before
+
+
+def test_sigkill_while_preprocessing_leaves_no_partial_file(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    before = outputs_snapshot(repo)
+    result = run_command(["python", str(HARNESS), "torch.save", "2", "stages/preprocess.py"], repo)
+    assert result.returncode == -signal.SIGKILL, visible_lines(result.stderr)
+    assert list((repo / "data/processed").glob(".val.pt.*")), "the kill landed mid-write, in a temporary file"
+    processed_files_are_complete(repo)
+
+    run(["dvc", "repro", "train"], cwd=repo)  # reruns preprocess, or restores it from DVC's run cache
+    assert not list((repo / "data/processed").glob(".*")), "no temporary file left"
+    assert outputs_snapshot(repo) == before
+
+
+def test_sigkill_while_exporting_leaves_no_partial_file(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    export = repo / "models/export"
+    result = run_command(["python", str(HARNESS), "torch.save", "1", "stages/export.py"], repo)
+    assert result.returncode == -signal.SIGKILL, visible_lines(result.stderr)
+    assert list(export.glob(".weights.pt.*")), "the kill landed mid-write, in a temporary file"
+    assert not (export / "weights.pt").exists(), "nothing under the output's name"
+
+    run(["dvc", "repro"], cwd=repo)  # evaluate and export
+    assert not list(export.glob(".*")), "no temporary file left in the export folder"
+    assert (
+        torch.load(export / "weights.pt", weights_only=True).keys()
+        == torch.load(repo / "models/model.pt", weights_only=True)["state_dict"].keys()
+    )
+
+
+def test_bad_params_under_dvc_repro_and_the_way_back(pipeline: dict) -> None:
+    """DVC deletes a stage's outputs before it runs the stage, so a stage that refuses its params leaves them
+    missing from the workspace. They are not lost: `git checkout` brings back params.yaml and the metrics files git
+    tracks, `dvc checkout` the outputs in DVC's cache."""
+    repo = pipeline["repo"]
+    run(["dvc", "repro"], cwd=repo)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run(
+        [*git, "add", "-A"], cwd=repo
+    )  # what a user commits: params, dvc.lock, metrics; DVC's .gitignore the rest
+    run([*git, "commit", "-q", "-m", "good run"], cwd=repo)
+    before = outputs_snapshot(repo)
+    bad = subset_params()
+    bad["train"]["lr"] = 0
+    write_params(repo, bad)
+    result = run_command(["dvc", "repro"], repo)
+    assert result.returncode != 0
+    errors = [line for line in visible_lines(result.stderr) if line.startswith("error: ")]
+    assert errors == ["error: params.yaml: train.lr = 0.0 is out of range; allowed: a number in (0, 10]"]
+    assert not (repo / "models/model.pt").exists(), "DVC removed train's outputs before running it"
+
+    run(["git", "checkout", "--", "params.yaml", "reports"], cwd=repo)
+    run(["dvc", "checkout"], cwd=repo)
+    assert outputs_snapshot(repo) == before
+    assert "up to date" in run(["dvc", "status"], cwd=repo).stdout
