@@ -44,7 +44,7 @@ def _count_cases(request: pytest.FixtureRequest) -> None:
 
 def subset_params() -> dict:
     raw = default_params()
-    raw["preprocess"].update(val_size=500, train_subset=1200)
+    raw["preprocess"].update(val_size=400, train_subset=800)
     # Several short epochs on the CPU, fixed seed: resumable and bit-reproducible.
     raw["train"].update(model="cnn", width=4, epochs=5, batch_size=100, lr=0.05, device="cpu", seed=0)
     return raw
