@@ -84,8 +84,11 @@ def tiny_params() -> params_module.Params:
 
 def copy_repo(dest: Path) -> Path:
     """A fresh git repository holding the project's tracked files (plus uncommitted edits), like a clone."""
+
     def git_files(*args: str) -> list[str]:
-        return subprocess.run(["git", "ls-files", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+        return subprocess.run(
+            ["git", "ls-files", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
 
     # Tracked files, plus new files not yet committed, but never pipeline outputs lying in the workspace.
     outputs = ("data/", "models/", "reports/", "mlruns/", "tests/")
