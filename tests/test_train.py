@@ -174,3 +174,12 @@ def test_resume_path_changes_with_params_and_data(tmp_path: Path) -> None:
     assert first != resume_path(tmp_path, {"train.lr": 0.2}, [data])
     data.write_bytes(b"two")
     assert first != resume_path(tmp_path, {"train.lr": 0.1}, [data])
+
+
+def test_training_without_a_validation_split_keeps_the_last_epoch(tiny_params, tmp_path: Path) -> None:
+    empty = Split(torch.zeros(0, 1, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    result = train(
+        tiny_params.train, CONFIG, make_split(200, 1), empty, torch.device("cpu"), tmp_path / "r.pt"
+    )
+    assert result.best_epoch == tiny_params.train.epochs
+    assert all(row["val_accuracy"] != row["val_accuracy"] for row in result.history)  # NaN: nothing to score

@@ -107,7 +107,8 @@ def predict_logits(
     model.eval()
     device = images.device
     outputs = []
-    for start in range(0, len(images), batch_size):
+    # An empty split still yields one (empty) batch, so the result has the right number of columns.
+    for start in range(0, max(len(images), 1), batch_size):
         batch = to_float(images[start : start + batch_size])
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             outputs.append(model(batch).float())
