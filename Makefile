@@ -45,18 +45,18 @@ format: setup-test ## Reformat the code with ruff
 bench: setup ## Measure speed against the PyTorch quickstart; prints a markdown table
 	python benchmarks/bench.py
 
-ui: setup ## MLflow UI over the local store on http://127.0.0.1:$(PORT)
+ui: setup ## MLflow UI over the local store on http://127.0.0.1:5000 (PORT=...)
 	@mkdir -p mlruns/artifacts
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host 127.0.0.1 --port $(PORT) --workers 1 \
 	  --backend-store-uri $(STORE) --artifacts-destination $(CURDIR)/mlruns/artifacts
 
-team-server: setup ## Shared MLflow server for teammates (TEAM_STORE=folder) on http://127.0.0.1:$(PORT)
+team-server: setup ## Shared MLflow server for teammates (TEAM_STORE=folder) on http://127.0.0.1:5000
 	@mkdir -p $(TEAM_STORE)/artifacts
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host $(TEAM_HOST) --port $(PORT) --workers 1 \
 	  --backend-store-uri sqlite:///$(abspath $(TEAM_STORE))/mlflow.db \
 	  --artifacts-destination $(abspath $(TEAM_STORE))/artifacts$(if $(TEAM_ALLOWED_HOSTS), --allowed-hosts $(TEAM_ALLOWED_HOSTS))
 
-serve: setup ## Serve the champion model over REST on http://127.0.0.1:$(SERVE_PORT)/invocations
+serve: setup ## Serve the champion model over REST on http://127.0.0.1:5001/invocations (SERVE_PORT=...)
 	MLFLOW_TRACKING_URI=$(SERVE_STORE) mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
 	  --host 127.0.0.1 --port $(SERVE_PORT)
 
