@@ -20,6 +20,16 @@ from image_classifier.datasets import DatasetSpec, RemoteFile
 REPO = Path(__file__).resolve().parent.parent
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = tuple(f"class{i}" for i in range(10))
+# A model config small enough to train in a second on the tiny data sets below.
+TINY_MODEL_CONFIG = {
+    "dataset": "tiny",
+    "model": "cnn",
+    "width": 4,
+    "image_shape": [1, 28, 28],
+    "classes": list(CLASSES),
+    "mean": [0.2],
+    "std": [0.3],
+}
 
 
 def idx_bytes(array: torch.Tensor) -> bytes:

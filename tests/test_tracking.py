@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, REPO, default_params, write_params
+from conftest import REPO, TINY_MODEL_CONFIG, default_params, write_params
 from mlflow import MlflowClient
 
 from image_classifier import tracking
@@ -25,15 +25,7 @@ from image_classifier.export import example_input
 from image_classifier.models import build_model
 from image_classifier.params import TrackingParams
 
-TINY_CONFIG = {
-    "dataset": "tiny",
-    "model": "cnn",
-    "width": 2,
-    "image_shape": [1, 28, 28],
-    "classes": list(CLASSES),
-    "mean": [0.3],
-    "std": [0.3],
-}
+TINY_CONFIG = TINY_MODEL_CONFIG
 
 
 def closed_port() -> int:

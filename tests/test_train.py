@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, learnable_images
+from conftest import TINY_MODEL_CONFIG, learnable_images
 
 from image_classifier.data import Split
 from image_classifier.errors import UserError
@@ -19,15 +19,7 @@ def make_split(size: int, seed: int) -> Split:
     return Split(learnable_images(labels, seed).unsqueeze(1), labels)
 
 
-CONFIG = {
-    "dataset": "tiny",
-    "model": "cnn",
-    "width": 4,
-    "image_shape": [1, 28, 28],
-    "classes": list(CLASSES),
-    "mean": [0.2],
-    "std": [0.3],
-}
+CONFIG = TINY_MODEL_CONFIG
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
