@@ -119,17 +119,19 @@ def our_train(overrides: dict, device_name: str, val_size: int) -> dict:
 def preprocess_all() -> dict:
     """The preprocess stage's library call on all 70,000 images, without interpreter start-up."""
     from image_classifier import params as params_module
-    from image_classifier.data import preprocess
+    from image_classifier.data import decode, preprocess
     from image_classifier.datasets import get_dataset
 
     params = params_module.load(REPO / "params.yaml")
+    spec = get_dataset(params.data.dataset)
     with tempfile.TemporaryDirectory() as out:
         files = {name: Path(out) / f"{name}.pt" for name in ("train", "val", "test")}
         started = time.perf_counter()
         preprocess(
-            get_dataset(params.data.dataset),
+            spec.name,
+            list(spec.classes),
+            decode(REPO / "data/raw", spec),
             params.preprocess,
-            REPO / "data/raw",
             files,
             Path(out) / "meta.json",
             Path(out) / "samples.png",

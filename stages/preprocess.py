@@ -7,12 +7,18 @@ from image_classifier.errors import run_cli
 def main() -> None:
     params = params_module.load()
     # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
-    from image_classifier.data import preprocess
+    from image_classifier.data import decode, preprocess
     from image_classifier.datasets import get_dataset
     from image_classifier.paths import META_FILE, RAW_DIR, SAMPLES_PNG, SPLIT_FILES
 
-    spec = get_dataset(params.data.dataset)
-    preprocess(spec, params.preprocess, RAW_DIR, SPLIT_FILES, META_FILE, SAMPLES_PNG)
+    if params.data.dataset == "folder":
+        from image_classifier.folder import decode_folder
+
+        classes, decoded = decode_folder(RAW_DIR, params.data.image_size, params.data.channels)
+    else:
+        spec = get_dataset(params.data.dataset)
+        classes, decoded = list(spec.classes), decode(RAW_DIR, spec)
+    preprocess(params.data.dataset, classes, decoded, params.preprocess, SPLIT_FILES, META_FILE, SAMPLES_PNG)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from image_classifier.data import (
     Meta,
     Split,
     channel_stats,
+    decode,
     decode_idx,
     load_split,
     preprocess,
@@ -59,9 +60,12 @@ def test_channel_stats_on_known_pixels() -> None:
 
 def test_preprocess_writes_splits_meta_and_preview(raw_dir, tmp_path: Path) -> None:
     spec, raw = raw_dir
-    params = params_module.PreprocessParams(val_size=50, train_subset=200, seed=0)
+    params = params_module.PreprocessParams(val_size=50, test_size=0.2, train_subset=200, seed=0)
     files = {name: tmp_path / "out" / f"{name}.pt" for name in ("train", "val", "test")}
-    meta = preprocess(spec, params, raw, files, tmp_path / "out/meta.json", tmp_path / "samples.png")
+    decoded = decode(raw, spec)
+    meta = preprocess(
+        spec.name, list(spec.classes), decoded, params, files, tmp_path / "out/meta.json", tmp_path / "samples.png"
+    )
     assert meta.sizes == {"train": 200, "val": 50, "test": 100}
     assert Meta.load(tmp_path / "out/meta.json") == meta
     train = load_split(files["train"])

@@ -14,7 +14,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from image_classifier.datasets import DatasetSpec
 from image_classifier.errors import UserError, load_failure
 from image_classifier.files import atomic_path
-from image_classifier.params import PreprocessParams
+from image_classifier.params import PreprocessParams, split_size
 
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 data with 3 and 1 dimensions
 # How to recover a damaged processed file: DVC's cache has the last good copy, or the stage rebuilds it.
@@ -153,23 +153,33 @@ def load_split(path: Path) -> Split:
         raise UserError(f"{path} cannot be loaded: {load_failure(error)}; {_REBUILD}") from None
 
 
+def decode(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
+    """The train and test splits of a table data set, read from the files fetch left in `raw_dir`."""
+    if spec.format == "idx":
+        return decode_idx(raw_dir, spec)
+    raise UserError(f"data set {spec.name!r} has format {spec.format!r}, which this version cannot read")
+
+
 def preprocess(
-    spec: DatasetSpec,
+    dataset: str,
+    classes: list[str],
+    decoded: dict[str, Split],
     params: PreprocessParams,
-    raw_dir: Path,
     split_files: dict[str, Path],
     meta_file: Path,
     samples_png: Path,
 ) -> Meta:
-    """Decode, split off validation (stratified, seeded), optionally subsample, save splits, stats and a preview."""
-    decoded = decode_idx(raw_dir, spec)
-    train, test = decoded["train"], decoded["test"]
-    if params.val_size >= len(train):
-        raise UserError(
-            f"preprocess.val_size = {params.val_size} leaves no training images (training set has {len(train)})"
-        )
-    rest, val_index = stratified_indices(train.labels, params.val_size, params.seed)
-    splits = {"train": train.subset(rest), "val": train.subset(val_index), "test": test}
+    """Split off validation (and test, when `decoded` has none), stratified and seeded; optionally subsample
+    training; save the splits, their statistics and a preview."""
+    train = decoded["train"]
+    splits = {}
+    if "test" in decoded:
+        splits["test"] = decoded["test"]
+    else:
+        rest, test_index = _hold_out(train, "test_size", params.test_size, params.seed)
+        train, splits["test"] = train.subset(rest), train.subset(test_index)
+    rest, val_index = _hold_out(train, "val_size", params.val_size, params.seed)
+    splits = {"train": train.subset(rest), "val": train.subset(val_index), **splits}
     if params.train_subset:
         if params.train_subset > len(rest):
             raise UserError(
@@ -181,12 +191,12 @@ def preprocess(
     for name, split in splits.items():
         save_split(split, split_files[name])
     meta = Meta(
-        dataset=spec.name,
-        classes=list(spec.classes),
-        image_shape=list(spec.image_shape),
+        dataset=dataset,
+        classes=list(classes),
+        image_shape=list(train.images.shape[1:]),
         mean=mean,
         std=std,
-        sizes={name: len(split) for name, split in splits.items()},
+        sizes={name: len(splits[name]) for name in ("train", "val", "test")},
     )
     meta.save(meta_file)
     from image_classifier.plots import save_image_grid  # matplotlib: only the stage that draws pays for it
@@ -194,13 +204,23 @@ def preprocess(
     preview = splits["train"].subset(torch.arange(min(36, len(splits["train"]))))
     save_image_grid(
         preview.images,
-        [spec.classes[i] for i in preview.labels],
+        [classes[i] for i in preview.labels],
         samples_png,
-        title=f"{spec.name}: first training images",
+        title=f"{dataset}: first training images",
     )
     print(
-        f"{spec.name}: "
+        f"{dataset}: "
         + ", ".join(f"{name} {size}" for name, size in meta.sizes.items())
         + f" images; mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}"
     )
     return meta
+
+
+def _hold_out(split: Split, key: str, size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out) for `preprocess.<key>` = `size` (a count or a fraction), stratified."""
+    count = split_size(size, len(split))
+    if count >= len(split):
+        raise UserError(
+            f"preprocess.{key} = {size:g} leaves no training images (training set has {len(split)})"
+        )
+    return stratified_indices(split.labels, count, seed)

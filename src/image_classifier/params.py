@@ -25,6 +25,15 @@ class ParamsError(UserError):
 @dataclass(frozen=True)
 class DataParams:
     dataset: str
+    path: str
+    image_size: int
+    channels: int
+
+    def check(self) -> None:
+        _require(bool(self.path.strip()), "data.path", self.path, "a folder or CSV path")
+        # The CNN halves the resolution three times, so 8 pixels is the least it can take.
+        _require(8 <= self.image_size <= 1024, "data.image_size", self.image_size, "8 to 1024 pixels")
+        _require(self.channels in (1, 3), "data.channels", self.channels, "1 (grayscale) or 3 (RGB)")
 
 
 @dataclass(frozen=True)
@@ -39,12 +48,20 @@ class FetchParams:
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    val_size: int
+    val_size: float
+    test_size: float
     train_subset: int
     seed: int
 
     def check(self) -> None:
-        _require(self.val_size >= 0, "preprocess.val_size", self.val_size, "an integer >= 0")
+        for key in ("val_size", "test_size"):
+            value = getattr(self, key)
+            _require(
+                value >= 0 and (value < 1 or value == int(value)),
+                f"preprocess.{key}",
+                value,
+                "a count of images (0, 1, 2, ...) or a fraction below 1",
+            )
         _require(self.train_subset >= 0, "preprocess.train_subset", self.train_subset, "0 (all) or a count")
 
 
@@ -70,6 +87,7 @@ class TrainParams:
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"]
     threads: int
     processes: int
+    init_from: str
 
     def check(self) -> None:
         _require(1 <= self.processes <= 64, "train.processes", self.processes, "1 to 64 processes")
@@ -225,7 +243,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         raise ParamsError(
             f"{source}: {key} = {value!r} must be {hint.__name__}, not {type(value).__name__}{tip}"
         )
-    return float(value) if hint is float else value
+    return value  # an int stays an int where a float is allowed (PEP 484 numeric tower): 5000, not 5000.0
 
 
 def _is_number(text: str) -> bool:
@@ -234,6 +252,11 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def split_size(value: float, total: int) -> int:
+    """A `val_size`/`test_size` as a count of images: a fraction below 1 of `total`, or the count itself."""
+    return round(value * total) if 0 < value < 1 else int(value)
 
 
 def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
