@@ -64,7 +64,13 @@ def test_preprocess_writes_splits_meta_and_preview(raw_dir, tmp_path: Path) -> N
     files = {name: tmp_path / "out" / f"{name}.pt" for name in ("train", "val", "test")}
     decoded = decode(raw, spec)
     meta = preprocess(
-        spec.name, list(spec.classes), decoded, params, files, tmp_path / "out/meta.json", tmp_path / "samples.png"
+        spec.name,
+        list(spec.classes),
+        decoded,
+        params,
+        files,
+        tmp_path / "out/meta.json",
+        tmp_path / "samples.png",
     )
     assert meta.sizes == {"train": 200, "val": 50, "test": 100}
     assert Meta.load(tmp_path / "out/meta.json") == meta
