@@ -66,8 +66,48 @@ def quickstart_tutorial(device_name: str) -> dict:
     return {"seconds": time.perf_counter() - started, "test_accuracy": correct / len(test_data)}
 
 
-def our_train(overrides: dict, device_name: str, val_size: int) -> dict:
-    """Our train loop (the train stage's library call) with `overrides` on params.yaml; per-epoch history."""
+class ValidationProbe:
+    """Validation accuracy every few optimiser steps, with the clock stopped while it measures, so "seconds
+    until 91%" is training time only and not rounded up to the end of an epoch."""
+
+    def __init__(self, images, labels, device) -> None:
+        self.images, self.labels, self.device = images.to(device), labels.to(device), device
+        self.started = time.perf_counter()
+        self.paused = 0.0
+        self.points: list[tuple[float, int, float]] = []  # (training seconds, step, validation accuracy)
+
+    def due(self, step: int) -> bool:
+        # Dense early, where accuracy climbs fastest; then every 25 steps (~6,400 images at batch 256).
+        return step % 5 == 0 if step <= 100 else step % 25 == 0
+
+    def __call__(self, step: int, model) -> None:
+        if not self.due(step):
+            return
+        from image_classifier.models import predict_logits
+
+        self.synchronize()
+        now = time.perf_counter()
+        logits = predict_logits(model, self.images, 1000)
+        accuracy = (logits.argmax(1) == self.labels).float().mean().item()
+        self.points.append((now - self.started - self.paused, step, accuracy))
+        self.paused += time.perf_counter() - now
+
+    def training_seconds(self) -> float:
+        self.synchronize()
+        return time.perf_counter() - self.started - self.paused
+
+    def synchronize(self) -> None:
+        import torch
+
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize()
+
+
+def our_train(
+    overrides: dict, device_name: str, val_size: int, probe: bool = False, normalise: bool = True
+) -> dict:
+    """Our train loop (the train stage's library call) with `overrides` on params.yaml; per-epoch history,
+    with `probe` validation accuracy every few steps, without `normalise` raw 0..1 inputs as the tutorial's."""
     import torch
     import yaml
 
@@ -93,14 +133,23 @@ def our_train(overrides: dict, device_name: str, val_size: int) -> dict:
         "width": params.train.width,
         "image_shape": list(spec.image_shape),
         "classes": list(spec.classes),
-        "mean": [pixels.mean().item()],
-        "std": [pixels.std().item()],
+        "mean": [pixels.mean().item() if normalise else 0.0],
+        "std": [pixels.std().item() if normalise else 1.0],
     }
     device = torch.device(device_name)
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        result = train(params.train, config, train_split, val_split, device, Path(scratch) / "resume.pt")
-        seconds = time.perf_counter() - started
+        probe_hook = ValidationProbe(val_split.images, val_split.labels, device) if probe else None
+        result = train(
+            params.train,
+            config,
+            train_split,
+            val_split,
+            device,
+            Path(scratch) / "resume.pt",
+            on_step=probe_hook,
+        )
+        seconds = probe_hook.training_seconds() if probe_hook else time.perf_counter() - started
     from image_classifier.models import build_model
 
     model = build_model(config).to(device)
@@ -113,7 +162,16 @@ def our_train(overrides: dict, device_name: str, val_size: int) -> dict:
         "test_accuracy": accuracy,
         "history": result.history,
         "compile_seconds": result.compile_seconds,
+        "probes": probe_hook.points if probe_hook else [],
+        "steps_per_epoch": len(result.history)
+        and _steps_per_epoch(len(train_split), params.train.batch_size),
     }
+
+
+def _steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    from image_classifier.train import batch_starts
+
+    return len(batch_starts(num_samples, batch_size))
 
 
 def preprocess_all() -> dict:
@@ -160,7 +218,11 @@ MEASUREMENTS = {
     "tutorial": lambda device: quickstart_tutorial(device),
     "recipe": lambda device: our_train({**QUICKSTART_RECIPE, "precision": "fp32"}, device, val_size=0),
     "recipe-bf16": lambda device: our_train({**QUICKSTART_RECIPE, "precision": "bf16"}, device, val_size=0),
-    "default": lambda device: our_train({}, device, val_size=5000),
+    # The tutorial feeds raw 0..1 pixels; our model normalises them, which alone lifts accuracy.
+    "recipe-raw": lambda device: our_train(
+        {**QUICKSTART_RECIPE, "precision": "fp32"}, device, val_size=0, normalise=False
+    ),
+    "default": lambda device: our_train({}, device, val_size=5000, probe=True),
     # The same config on a 4-epoch schedule: one-cycle anneals within the budget, for a ~1-minute run.
     "short": lambda device: our_train({"epochs": 4}, device, val_size=5000),
     "preprocess": lambda device: preprocess_all(),
@@ -193,12 +255,10 @@ def time_command(args: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def first_reaching(history: list[dict], threshold: float) -> str:
-    elapsed = 0.0
-    for row in history:
-        elapsed += row["epoch_seconds"]
-        if row["val_accuracy"] >= threshold:
-            return f"{elapsed:.1f} s (epoch {int(row['epoch'])})"
+def first_reaching(result: dict, threshold: float) -> str:
+    for seconds, step, accuracy in result["probes"]:
+        if accuracy >= threshold:
+            return f"{seconds:.1f} s (epoch {step / result['steps_per_epoch']:.2f})"
     return "not reached"
 
 
@@ -221,6 +281,7 @@ def main() -> None:
     tutorial = None if args.skip_tutorial else measure("tutorial", device)
     recipe = measure("recipe", device)
     recipe_bf16 = measure("recipe-bf16", device)
+    recipe_raw = measure("recipe-raw", device)
     default = measure("default", device)
     short = measure("short", device)
     preprocess = measure("preprocess", device)
@@ -237,7 +298,11 @@ def main() -> None:
                 "1.0x",
             )
         )
-    for label, result in (("fp32", recipe), ("bf16 autocast", recipe_bf16)):
+    for label, result in (
+        ("fp32", recipe),
+        ("bf16 autocast", recipe_bf16),
+        ("fp32, inputs not normalised, as the tutorial's", recipe_raw),
+    ):
         rows.append(
             (
                 f"Same recipe through our train loop ({label})",
@@ -247,9 +312,8 @@ def main() -> None:
             )
         )
     history = default["history"]
-    train_seconds = sum(row["epoch_seconds"] for row in history)
     target = tutorial["test_accuracy"] if tutorial else 0.65
-    reached = first_reaching(history, target)
+    reached = first_reaching(default, target)
     rows.append(
         (
             f"Default config: to the tutorial's accuracy ({target:.4f}) on validation",
@@ -262,7 +326,7 @@ def main() -> None:
         rows.append(
             (
                 f"Default config: to {threshold:.0%} validation accuracy",
-                first_reaching(history, threshold),
+                first_reaching(default, threshold),
                 "",
                 "",
             )
@@ -270,7 +334,7 @@ def main() -> None:
     rows.append(
         (
             f"Default config: all {len(history)} epochs, test accuracy",
-            f"{train_seconds:.1f} s",
+            f"{default['seconds']:.1f} s",
             f"{default['test_accuracy']:.4f}",
             "",
         )

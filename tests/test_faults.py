@@ -237,7 +237,7 @@ PARAMS_CASES = {
         FETCH, replace_section("train", 5), (r"train must be a mapping of keys to values",)
     ),
     "lr-zero": Case(
-        FETCH, set_params(train={"lr": 0}), (r"train.lr = 0.0 is out of range; allowed: .*\(0, 10\]",)
+        FETCH, set_params(train={"lr": 0}), (r"train.lr = 0 is out of range; allowed: .*\(0, 10\]",)
     ),
     "lr-negative": Case(FETCH, set_params(train={"lr": -0.1}), (r"train.lr = -0.1 is out of range",)),
     "epochs-zero": Case(

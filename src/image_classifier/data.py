@@ -133,9 +133,20 @@ def stratified_indices(labels: torch.Tensor, size: int, seed: int) -> tuple[torc
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of uint8 images, on the 0..1 scale."""
-    pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
-    return pixels.mean(dim=1).tolist(), pixels.std(dim=1).tolist()
+    """Per-channel mean and standard deviation of uint8 images, on the 0..1 scale.
+
+    Counted from a 256-bin histogram per channel: exact, and far cheaper than converting every pixel to float.
+    """
+    means, stds = [], []
+    values = torch.arange(256, dtype=torch.float64) / 255
+    for channel in range(images.shape[1]):
+        counts = torch.bincount(images[:, channel].flatten(), minlength=256).double()
+        total = counts.sum()
+        mean = (counts * values).sum() / total
+        variance = (counts * (values - mean) ** 2).sum() / (total - 1)  # unbiased, as Tensor.std
+        means.append(mean.item())
+        stds.append(variance.sqrt().item())
+    return means, stds
 
 
 def save_split(split: Split, path: Path) -> None:

@@ -29,18 +29,23 @@ class QuickstartMLP(nn.Module):
         return self.linear_relu_stack(self.flatten(images))
 
 
-def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
-    # No conv bias: batch norm's shift makes it redundant.
+def conv_pool_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 convolution, 2x2 max pooling, then batch norm and ReLU on the pooled map.
+
+    Pooling before normalising (as airbench does) gives batch norm and ReLU a quarter of the pixels; on a CPU
+    those memory-bound layers cost as much as the convolutions. No conv bias: batch norm's shift replaces it.
+    """
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.MaxPool2d(2),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
 
 
 class SmallCNN(nn.Module):
-    """A 2x2 stride-2 "patchify" stem, two 3x3 conv-BN-ReLU layers each followed by 2x2 max pooling, and a
-    linear head over the remaining spatial grid (3x3 for 28x28 input).
+    """A 2x2 stride-2 "patchify" stem, then two conv-pool-BN-ReLU blocks that double the channels, and a
+    linear head over the remaining spatial grid (3x3 for 28x28 input, 4x4 for 32x32).
 
     The stem halves the resolution before any 3x3 convolution, which on a CPU is most of the saving; keeping
     the spatial grid in the head (rather than global pooling) keeps where a feature is, which clothes need.
@@ -53,10 +58,8 @@ class SmallCNN(nn.Module):
             nn.Conv2d(channels, width, kernel_size=2, stride=2, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            conv_bn(width, 2 * width),
-            nn.MaxPool2d(2),
-            conv_bn(2 * width, 4 * width),
-            nn.MaxPool2d(2),
+            conv_pool_bn(width, 2 * width),
+            conv_pool_bn(2 * width, 4 * width),
             nn.Flatten(),
         )
         self.head = nn.Linear(4 * width * (height // 8) * (width_px // 8), num_classes)

@@ -133,8 +133,11 @@ def train(
     device: torch.device,
     checkpoint_path: Path,
     on_epoch: Callable[[dict[str, float]], None] = lambda stats: None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train `model_config`'s model; resume from `checkpoint_path` if an earlier run left one there.
+
+    `on_step(step, model)` runs after every optimiser step (the benchmark probes validation accuracy there).
 
     Under torchrun each process trains on its share of every global batch; only rank 0 reports and checkpoints.
     """
@@ -213,6 +216,8 @@ def train(
         for step, start in enumerate(progress):
             index = order[start : start + params.batch_size][rank::world]
             loss, hits = train_step(images[index], labels[index])
+            if on_step:
+                on_step((epoch - 1) * len(starts) + step + 1, model)
             if step == 0 and epoch == first_epoch and params.compile != "none":
                 # The first compiled step is compilation: report it apart from training time.
                 _synchronize(device)
