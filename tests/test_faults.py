@@ -270,8 +270,8 @@ PARAMS_CASES = {
     ),
     "unknown-dataset": Case(
         FETCH,
-        set_params(data={"dataset": "mnist"}),
-        (r"unknown data set 'mnist'; known data sets: fashion-mnist",),
+        set_params(data={"dataset": "svhn"}),
+        (r"unknown data set 'svhn'; known data sets: cifar10, fashion-mnist, kmnist, mnist",),
     ),
     "val-size-leaves-no-training-data": Case(
         PREPROCESS,
