@@ -5,6 +5,8 @@ datasets.yaml, and the models on 3x32x32 colour images."""
 import dataclasses
 import gzip
 import hashlib
+import io
+import json
 import re
 import tarfile
 from pathlib import Path
@@ -14,16 +16,21 @@ import torch
 import yaml
 from conftest import (
     CIFAR_CLASSES,
+    FASHION_DIR,
     REPO,
     cifar_entries,
     cifar_spec,
+    copy_repo,
+    http_server,
     idx_bytes,
     learnable_images,
     md5,
     tar_gz,
     tar_member,
+    write_params,
 )
 from PIL import Image
+from test_pipeline import STAGES, repro, subset_params
 
 from image_classifier.data import decode
 from image_classifier.datasets import (
@@ -466,3 +473,89 @@ def test_onnx_export_and_predict_on_colour_images(tmp_path, capsys) -> None:
     Image.fromarray(photo.numpy()).save(tmp_path / "green.png")
     predict_main([str(tmp_path / "green.png"), "--model", str(tmp_path / "model.pt")])
     assert re.fullmatch(r'.*green.png: Predicted: "[a-z]+" \(\d+\.\d%\)\n', capsys.readouterr().out)
+
+
+# --- The whole pipeline on a declared CIFAR-format data set, and switching data sets (slow) ------------------
+
+
+def model_hash(repo: Path) -> str:
+    return hashlib.sha256((repo / "models/model.pt").read_bytes()).hexdigest()
+
+
+def cifar_params() -> dict:
+    raw = subset_params()
+    raw["data"]["dataset"] = "tiny-cifar"
+    raw["preprocess"].update(val_size=40, train_subset=0)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def switched(tmp_path_factory: pytest.TempPathFactory):
+    """A repository copy that ran the pipeline on a Fashion-MNIST subset, then on a generated CIFAR-format
+    archive declared in datasets.yaml and served on 127.0.0.1, then on the subset again; what each run did."""
+    if not FASHION_DIR.is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist (make setup)")
+    www = tmp_path_factory.mktemp("www")
+    entries, splits = cifar_entries()
+    archive = tar_gz(entries)
+    (www / "tiny-cifar.tar.gz").write_bytes(archive)
+    repo = copy_repo(tmp_path_factory.mktemp("switch"))
+    with http_server(www) as server:
+        entry = declaration(
+            files={"archive": {"name": "tiny-cifar.tar.gz", "size": len(archive), "md5": md5(archive)}},
+            mirrors=[f"{server.url}/"],
+        )
+        # Declared before the first run: datasets.yaml is a dependency, so it must not change between runs.
+        write_yaml(repo / "datasets.yaml", {"tiny-cifar": entry})
+        runs = {}
+        write_params(repo, subset_params())
+        runs["fashion"] = (repro(repo), model_hash(repo))
+        write_params(repo, cifar_params())
+        runs["cifar"] = (repro(repo), model_hash(repo))
+        requests = list(server.requests)
+        cifar_outputs = {
+            name: (repo / name).read_bytes()
+            for name in (
+                "data/processed/meta.json",
+                "data/processed/test.pt",
+                "reports/evaluate/metrics.json",
+                "reports/export/metrics.json",
+            )
+        }
+        write_params(repo, subset_params())
+        runs["back"] = (repro(repo), model_hash(repo))
+    return repo, runs, requests, cifar_outputs, splits
+
+
+@pytest.mark.slow
+def test_pipeline_runs_on_a_declared_cifar_format_data_set(switched) -> None:
+    _, runs, requests, outputs, splits = switched
+    assert runs["cifar"][0] == dict.fromkeys(STAGES, "ran")
+    assert requests == ["/tiny-cifar.tar.gz"]  # /usr/share/datasets/tiny-cifar does not exist: the mirror
+    meta = json.loads(outputs["data/processed/meta.json"])
+    assert meta["dataset"] == "tiny-cifar" and meta["image_shape"] == [3, 32, 32]
+    assert meta["classes"] == list(CIFAR_CLASSES)
+    assert meta["sizes"] == {"train": 160, "val": 40, "test": 50}
+    assert len(meta["mean"]) == len(meta["std"]) == 3
+    test = torch.load(io.BytesIO(outputs["data/processed/test.pt"]), weights_only=True)
+    assert torch.equal(test["images"], splits["test"][0])  # pixel-exact through fetch, extract and preprocess
+    evaluation = json.loads(outputs["reports/evaluate/metrics.json"])
+    assert 0 <= evaluation["accuracy"] <= 1 and set(evaluation["per_class"]) == set(CIFAR_CLASSES)
+    export = json.loads(outputs["reports/export/metrics.json"])
+    assert export["onnx_checked_images"] == 50 and export["onnx_prediction_agreement"] == 1.0
+    assert export["onnx_max_abs_logit_diff"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_switching_data_sets_reruns_from_fetch_and_switching_back_restores_from_cache(switched) -> None:
+    repo, runs, *_ = switched
+    assert runs["fashion"][0] == dict.fromkeys(STAGES, "ran")
+    assert runs["cifar"][0]["fetch"] == "ran"
+    outcome, model = runs["back"]
+    assert "ran" not in outcome.values(), outcome
+    assert outcome["train"] == "cached"
+    assert model == runs["fashion"][1] != runs["cifar"][1]
+    meta = json.loads((repo / "data/processed/meta.json").read_text())
+    assert meta["dataset"] == "fashion-mnist" and meta["image_shape"] == [1, 28, 28]
+    assert (repo / "data/raw/train-images-idx3-ubyte").is_file()
+    assert not (repo / "data/raw/tiny-cifar.tar.gz").exists()
