@@ -15,10 +15,10 @@ def main() -> None:
         copy_image_folder(Path(params.data.path), RAW_DIR)
         return
     from image_classifier.datasets import get_dataset
-    from image_classifier.fetch import fetch_dataset
+    from image_classifier.fetch import fetch_dataset, local_folders
 
     spec = get_dataset(params.data.dataset)
-    local_dirs = [Path(folder) for folder in params.fetch.local_dirs]
+    local_dirs = local_folders(params.fetch.local_dirs, spec.name)
     fetch_dataset(spec, RAW_DIR, local_dirs, params.fetch.mirrors, params.fetch.timeout_s)
 
 

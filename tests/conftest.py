@@ -1,13 +1,20 @@
 """Shared fixtures: tiny IDX data sets the tests write themselves, a tiny config, and repository copies."""
 
+import contextlib
 import copy
 import gzip
 import hashlib
+import http.server
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -65,6 +72,113 @@ def write_idx_dataset(
             (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
             files[f"{split}_{role}"] = RemoteFile(name, hashlib.sha256(data).hexdigest(), len(data))
     return DatasetSpec("tiny", "idx", files, (), CLASSES, (1, 28, 28))
+
+
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def cifar_images(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """3x32x32 images whose class is visible: a bright bar at a class-specific row, in a class-specific
+    colour channel, under noise."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 60, (len(labels), 3, 32, 32), generator=generator, dtype=torch.uint8)
+    for index, label in enumerate(labels.tolist()):
+        images[index, label % 3, 2 + 3 * label : 4 + 3 * label, 4:28] = 230
+    return images
+
+
+def cifar_records(images: torch.Tensor, labels: torch.Tensor) -> bytes:
+    """CIFAR-10 binary records: one label byte, then 1024 red, 1024 green, 1024 blue pixels, row-major."""
+    flat = images.reshape(len(images), -1)
+    return torch.cat([labels.to(torch.uint8)[:, None], flat], dim=1).numpy().tobytes()
+
+
+def tar_member(
+    name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = ""
+) -> tuple[tarfile.TarInfo, bytes]:
+    """A tar entry (header, contents) for tar_gz."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data
+
+
+def tar_gz(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    """A gzipped tar of `entries` (from tar_member), byte-identical every time."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return gzip.compress(buffer.getvalue(), mtime=0)
+
+
+def cifar_entries(
+    train_size: int = 200, test_size: int = 50, classes: tuple[str, ...] = CIFAR_CLASSES
+) -> tuple[list[tuple[tarfile.TarInfo, bytes]], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The members of a small archive laid out like cifar-10-binary.tar.gz (five training batches, a test
+    batch, batches.meta.txt, readme.html), and the (images, labels) of each split they hold."""
+    splits = {}
+    for split, size, seed in (("train", train_size, 1), ("test", test_size, 2)):
+        labels = torch.arange(size) % len(classes)
+        splits[split] = (cifar_images(labels, seed), labels)
+    top = "cifar-10-batches-bin"
+    entries = [tar_member(top, kind=tarfile.DIRTYPE)]
+    images, labels = splits["train"]
+    per_batch = -(-train_size // 5)
+    for batch in range(5):
+        part = slice(batch * per_batch, (batch + 1) * per_batch)
+        entries.append(
+            tar_member(f"{top}/data_batch_{batch + 1}.bin", cifar_records(images[part], labels[part]))
+        )
+    entries.append(tar_member(f"{top}/test_batch.bin", cifar_records(*splits["test"])))
+    entries.append(tar_member(f"{top}/batches.meta.txt", ("\n".join(classes) + "\n\n").encode()))
+    entries.append(tar_member(f"{top}/readme.html", b"<html>a test archive</html>"))
+    return entries, splits
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def cifar_spec(archive: bytes, name: str = "tiny-cifar", mirrors: tuple[str, ...] = ()) -> DatasetSpec:
+    """A cifar-binary data set whose archive is pinned, like CIFAR-10's, by the md5 of `archive`."""
+    remote = RemoteFile(f"{name}.tar.gz", "", len(archive), md5=md5(archive), gzipped=False)
+    return DatasetSpec(name, "cifar-binary", {"archive": remote}, mirrors, CIFAR_CLASSES, (3, 32, 32))
+
+
+@contextlib.contextmanager
+def http_server(root: Path) -> Iterator[SimpleNamespace]:
+    """A real HTTP server on 127.0.0.1 serving `root`; `requests` lists the paths asked for."""
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield SimpleNamespace(root=root, url=f"http://127.0.0.1:{httpd.server_address[1]}", requests=requests)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[SimpleNamespace]:
+    root = tmp_path / "www"
+    root.mkdir()
+    with http_server(root) as served:
+        yield served
 
 
 @pytest.fixture

@@ -270,8 +270,20 @@ PARAMS_CASES = {
     ),
     "unknown-dataset": Case(
         FETCH,
-        set_params(data={"dataset": "mnist"}),
-        (r"unknown data set 'mnist'; known data sets: fashion-mnist",),
+        set_params(data={"dataset": "svhn"}),
+        (r"unknown data set 'svhn'; known data sets: cifar10, fashion-mnist, kmnist, mnist",),
+    ),
+    "datasets-yaml-syntax-error": Case(
+        PREPROCESS,
+        change_file("datasets.yaml", lambda data: b"mine:\n  format: [idx\n"),
+        (r"datasets.yaml: YAML syntax error at line 3",),
+        inputs=("datasets.yaml",),
+    ),
+    "datasets-yaml-shadows-built-in": Case(
+        FETCH,
+        change_file("datasets.yaml", lambda data: b"mnist: {format: idx}\n"),
+        (r"datasets.yaml: data set 'mnist' is built in; give yours another name",),
+        inputs=("datasets.yaml",),
     ),
     "val-size-leaves-no-training-data": Case(
         PREPROCESS,

@@ -8,10 +8,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from image_classifier.datasets import DatasetSpec
+from image_classifier.datasets import (
+    CIFAR_META,
+    CIFAR_RECORD_BYTES,
+    CIFAR_SHAPE,
+    CIFAR_TEST_BATCH,
+    CIFAR_TRAIN_BATCHES,
+    DatasetSpec,
+)
 from image_classifier.errors import UserError, load_failure
 from image_classifier.files import atomic_path
 from image_classifier.params import PreprocessParams, split_size
@@ -92,6 +100,43 @@ def _read_idx(path: Path, kind: str) -> torch.Tensor:
         ) from None
 
 
+def decode_cifar(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
+    """Read CIFAR-10's binary batches (extracted by fetch into `raw_dir`) into validated Splits."""
+    _check_cifar_classes(raw_dir / CIFAR_META, spec)
+    splits = {}
+    for split, members in (("train", CIFAR_TRAIN_BATCHES), ("test", (CIFAR_TEST_BATCH,))):
+        records = np.concatenate([_read_cifar_batch(raw_dir / member) for member in members])
+        # Label byte, then the 1024 red, 1024 green and 1024 blue pixels of the image, row by row.
+        images = torch.from_numpy(records[:, 1:].reshape(-1, *CIFAR_SHAPE).copy())
+        splits[split] = Split(images, torch.from_numpy(records[:, 0].astype(np.int64)))
+        validate(splits[split], spec, split)
+    return splits
+
+
+def _read_cifar_batch(path: Path) -> np.ndarray:
+    """A batch file's records as a uint8 array of shape (records, 3073)."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
+    data = np.fromfile(path, dtype=np.uint8)
+    if len(data) == 0 or len(data) % CIFAR_RECORD_BYTES:
+        raise UserError(
+            f"{path}: not a CIFAR binary batch: {len(data)} bytes is not a whole number of "
+            f"{CIFAR_RECORD_BYTES}-byte records; delete it and fetch again"
+        )
+    return data.reshape(-1, CIFAR_RECORD_BYTES)
+
+
+def _check_cifar_classes(path: Path, spec: DatasetSpec) -> None:
+    """The archive's own class list must be the spec's, in order: labels are indices into it."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
+    names = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    if names != list(spec.classes):
+        raise UserError(
+            f"{path} lists classes {', '.join(names)}; {spec.name} declares {', '.join(spec.classes)}"
+        )
+
+
 def validate(split: Split, spec: DatasetSpec, name: str) -> None:
     """Check shapes, dtypes, label range and that every class is present; raise UserError naming the problem."""
     if len(split.images) != len(split.labels):
@@ -168,6 +213,8 @@ def decode(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
     """The train and test splits of a table data set, read from the files fetch left in `raw_dir`."""
     if spec.format == "idx":
         return decode_idx(raw_dir, spec)
+    if spec.format == "cifar-binary":
+        return decode_cifar(raw_dir, spec)
     raise UserError(f"data set {spec.name!r} has format {spec.format!r}, which this version cannot read")
 
 
