@@ -53,7 +53,10 @@ def copy_image_folder(source: Path, raw_dir: Path) -> None:
         for entry in entries:
             target = temp / IMAGES_DIR / entry.relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(entry.source, target)
+            try:
+                shutil.copyfile(entry.source, target)
+            except OSError as error:  # unreadable source, or data/ is full
+                raise UserError(f"cannot copy {entry.source} into {raw_dir}: {error.strerror}") from None
         with (temp / MANIFEST).open("w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
             writer.writerow(["filename", "label", "split"])
