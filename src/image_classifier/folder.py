@@ -66,7 +66,7 @@ def copy_image_folder(source: Path, raw_dir: Path) -> None:
         shutil.rmtree(temp, ignore_errors=True)
     counts = Counter(entry.split for entry in entries)
     classes = {entry.label for entry in entries}
-    notes = "; skipped " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) if skipped else ""
+    notes = "; skipped " + ", ".join(f"{why}: {n}" for why, n in sorted(skipped.items())) if skipped else ""
     print(
         f"{source}: copied {len(entries)} images of {len(classes)} classes "
         f"({', '.join(f'{split} {counts[split]}' for split in SPLITS if counts[split])}) into {raw_dir}{notes}"
