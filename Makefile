@@ -14,12 +14,15 @@ SERVE_STORE = $(or $(MLFLOW_TRACKING_URI),$(STORE))
 TEAM_STORE ?= $(HOME)/mlflow-team
 TEAM_HOST ?= 127.0.0.1
 TEAM_ALLOWED_HOSTS ?=
+# `make example-folder`: where the example image folder goes and how many images it gets.
+EXAMPLE_DEST ?= data/images
+EXAMPLE_COUNT ?= 300
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-test repro test test-fast lint format bench ui team-server serve predict clean
+.PHONY: help setup setup-test repro test test-fast lint format bench ui team-server serve predict example-folder clean
 
 help: ## List the common commands
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 setup: ## Install system packages (Debian, as root) and the venv for the pipeline
 	@scripts/setup.sh pipeline
@@ -62,6 +65,9 @@ serve: setup ## Serve the champion model over REST on http://127.0.0.1:5001/invo
 
 predict: ## Classify the first test images with the trained model (predict --help for more)
 	predict --index 0 1 2 3 4
+
+example-folder: setup ## Real example images: Fashion-MNIST PNGs in data/images/<class>/ (EXAMPLE_COUNT=300)
+	python scripts/make_example_folder.py --dest $(EXAMPLE_DEST) --count $(EXAMPLE_COUNT)
 
 clean: ## Remove pipeline outputs from the workspace (the DVC cache and mlruns/ stay)
 	rm -rf data/processed data/raw data/resume models reports/*/*.png

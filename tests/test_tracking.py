@@ -198,7 +198,9 @@ def register(name: str, accuracy: float, seed: int) -> tuple[dict, str, torch.nn
     torch.manual_seed(seed)
     model = build_model(TINY_CONFIG).eval()
     with mlflow.start_run() as run:
-        result = tracking.log_and_register_model(model, example_input(TINY_CONFIG), name, accuracy)
+        result = tracking.log_and_register_model(
+            model, example_input(TINY_CONFIG), name, accuracy, TINY_CONFIG
+        )
     return result, run.info.run_id, model
 
 
@@ -240,6 +242,9 @@ def test_champion_moves_only_to_a_version_with_better_test_accuracy(store: Path)
     info = mlflow.models.get_model_info(f"models:/{name}/1")
     assert info.signature.inputs.to_dict()[0]["tensor-spec"] == {"dtype": "float32", "shape": (-1, 1, 28, 28)}
     assert info.run_id == first_run
+    # Served models answer with logits: the class names travel with the model, in its MLmodel metadata.
+    assert info.metadata["classes"] == TINY_CONFIG["classes"]
+    assert info.metadata["image_shape"] == TINY_CONFIG["image_shape"]
     requirements = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1/requirements.txt")).read_text()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements and "mlflow==" in requirements
 

@@ -1,1 +1,299 @@
-"""A user's image folder as a data set: copied into data/raw by fetch, decoded and resized by preprocess."""
+"""A user's image folder as a data set: copied into data/raw by fetch, decoded and resized by preprocess.
+
+The user's folder may be `<root>/<class>/<image>`, `<root>/train/<class>/...` + `<root>/test/<class>/...`, or a
+CSV of `filename,label` rows. Whatever its layout, fetch leaves one normalised form in data/raw:
+
+    data/raw/labels.csv      filename,label,split  (filename relative to data/raw; split train or test)
+    data/raw/images/<path>   each image under its path relative to the user's folder (or the CSV's folder)
+
+One manifest covers all three layouts and any label text (a CSV label may be a number or hold a "/", which no
+folder name can), DVC versions exactly the files and labels a model was trained on, and messages name the user's
+own file paths.
+"""
+
+import csv
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from image_classifier.data import Split
+from image_classifier.errors import UserError
+from image_classifier.images import IMAGE_SUFFIXES, read_image
+
+MANIFEST = "labels.csv"
+IMAGES_DIR = "images"
+SPLITS = ("train", "test")
+MAX_NAMED = 10  # unreadable images named one by one on stderr; the rest are counted
+
+
+@dataclass(frozen=True)
+class Entry:
+    source: Path  # the file to copy
+    relative: PurePosixPath  # its place under data/raw/images
+    label: str
+    split: str
+
+
+# --- fetch: find the images and copy them into data/raw --------------------------------------------------------
+
+
+def copy_image_folder(source: Path, raw_dir: Path) -> None:
+    """Copy the images of `source` (a folder or a CSV) into `raw_dir` in the normalised layout, replacing what
+    was there only once every file is copied: any error leaves the old `raw_dir` as it was."""
+    entries, skipped = find_images(source)
+    raw_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=raw_dir.parent, prefix=f".{raw_dir.name}.", suffix=".tmp"))
+    try:
+        for entry in entries:
+            target = temp / IMAGES_DIR / entry.relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(entry.source, target)
+            except OSError as error:  # unreadable source, or data/ is full
+                raise UserError(f"cannot copy {entry.source} into {raw_dir}: {error.strerror}") from None
+        with (temp / MANIFEST).open("w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            writer.writerow(["filename", "label", "split"])
+            writer.writerows((f"{IMAGES_DIR}/{e.relative}", e.label, e.split) for e in entries)
+        _replace_dir(temp, raw_dir)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    counts = Counter(entry.split for entry in entries)
+    classes = {entry.label for entry in entries}
+    notes = "; skipped " + ", ".join(f"{why}: {n}" for why, n in sorted(skipped.items())) if skipped else ""
+    print(
+        f"{source}: copied {len(entries)} images of {len(classes)} classes "
+        f"({', '.join(f'{split} {counts[split]}' for split in SPLITS if counts[split])}) into {raw_dir}{notes}"
+    )
+
+
+def find_images(source: Path) -> tuple[list[Entry], Counter]:
+    """Every image of `source` with its label and split, sorted; and counts of what was skipped, by reason."""
+    if not source.exists() and not source.is_symlink():
+        raise UserError(f"data.path {source} does not exist; point it at an image folder or a CSV")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise UserError(f"data.path {source} is a file but not a .csv of filename,label rows")
+        entries, skipped, classes = _from_csv(source), Counter(), {}
+    else:
+        root = source.resolve()
+        skipped = Counter()
+        top = _subfolders(root, root, skipped)
+        _skip_loose_files(root, root, skipped)
+        if "train" in top:  # the user's own split
+            extra = sorted(set(top) - set(SPLITS))
+            if extra:
+                raise UserError(
+                    f"{source} has train/ beside {', '.join(extra)}/; use either <class> folders or only "
+                    "train/ and test/ folders of classes"
+                )
+            found = {}
+            for split in top:
+                _skip_loose_files(top[split], root, skipped)
+                found[split] = _from_class_folders(
+                    _subfolders(top[split], root, skipped), root, split, skipped
+                )
+            entries = [entry for split in found for entry in found[split][0]]
+            classes = {f"{split}/{name}": count for split in found for name, count in found[split][1].items()}
+            if "test" in found and set(found["test"][1]) != set(found["train"][1]):
+                differ = sorted(set(found["test"][1]) ^ set(found["train"][1]))
+                raise UserError(
+                    f"{source}: train/ and test/ must hold the same class folders; only one has {', '.join(differ)}"
+                )
+        else:
+            entries, classes = _from_class_folders(top, root, "train", skipped)
+    empty = [name for name, count in classes.items() if count == 0]
+    if empty:
+        raise UserError(f"{source}: class folder {empty[0]} has no images ({_named(empty)})")
+    labels = sorted({entry.label for entry in entries})
+    if len(labels) < 2:
+        raise UserError(
+            f"{source}: found {len(labels)} class{'es' if len(labels) != 1 else ''} "
+            f"({', '.join(labels) or 'no images'}); a classifier needs at least 2"
+        )
+    return sorted(entries, key=lambda e: (e.split, str(e.relative))), skipped
+
+
+def _from_class_folders(
+    class_dirs: dict[str, Path], root: Path, split: str, skipped: Counter
+) -> tuple[list[Entry], dict[str, int]]:
+    """The images under each class folder, and each class's image count (0 for an empty one)."""
+    entries, counts = [], {}
+    for name, class_dir in class_dirs.items():
+        before = len(entries)
+        for directory, dirs, files in os.walk(class_dir):
+            here = Path(directory)
+            dirs[:] = sorted(_subfolders(here, root, skipped))  # hidden and symlinked folders are not walked
+            for file in files:
+                path = here / file
+                if _is_image(path, root, skipped):
+                    relative = PurePosixPath(path.relative_to(root).as_posix())
+                    entries.append(Entry(path, relative, name, split))
+        counts[name] = len(entries) - before
+    return entries, counts
+
+
+def _subfolders(folder: Path, root: Path, skipped: Counter) -> dict[str, Path]:
+    """Visible, real subfolders of `folder` by name; hidden ones and symlinks to folders inside `root` are
+    skipped (following them would count images twice); a symlink leading outside `root` is refused."""
+    found = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_dir(follow_symlinks=True):
+            continue
+        if entry.name.startswith("."):
+            skipped["hidden folders"] += 1
+        elif entry.is_symlink():
+            _check_link(Path(entry.path), root)
+            skipped["symlinked folders"] += 1
+        else:
+            found[entry.name] = Path(entry.path)
+    return found
+
+
+def _skip_loose_files(folder: Path, root: Path, skipped: Counter) -> None:
+    """Files beside the class folders belong to no class: counted, not copied (a README is fine there)."""
+    for entry in os.scandir(folder):
+        if not entry.is_dir(follow_symlinks=True):
+            path = Path(entry.path)
+            if _is_image(path, root, skipped):
+                skipped["images outside a class folder"] += 1
+
+
+def _is_image(path: Path, root: Path, skipped: Counter) -> bool:
+    """True for a visible image file; counts hidden and other files as skipped."""
+    if path.name.startswith("."):
+        skipped["hidden files"] += 1
+        return False
+    if path.is_symlink():
+        _check_link(path, root)
+    if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        skipped["non-image files"] += 1
+        return False
+    return True
+
+
+def _check_link(path: Path, root: Path) -> None:
+    target = path.resolve()
+    if not target.is_relative_to(root):
+        raise UserError(f"{path} is a symlink to {target}, outside {root}; copy the file in instead")
+    if not target.exists():
+        raise UserError(f"{path} is a symlink to {target}, which does not exist")
+
+
+def _from_csv(csv_path: Path) -> list[Entry]:
+    """One entry per `filename,label` row; filenames are relative to the CSV's folder and must stay inside it."""
+    base = csv_path.parent.resolve()
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as file:  # -sig: the BOM spreadsheets write
+            reader = csv.DictReader(file)
+            columns = [name.strip().lower() for name in reader.fieldnames or []]
+            if "filename" not in columns or "label" not in columns:
+                raise UserError(
+                    f"{csv_path}: the header row must name the columns filename and label; found {columns}"
+                )
+            reader.fieldnames = columns
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError:
+        raise UserError(f"{csv_path}: not a UTF-8 text file") from None
+    entries, seen = [], {}
+    for line, row in rows:
+        name, label = (row.get("filename") or "").strip(), (row.get("label") or "").strip()
+        where = f"{csv_path} row {line}"
+        if not name or not label:
+            raise UserError(f"{where}: needs both a filename and a label")
+        relative = PurePosixPath(os.path.normpath(name).replace(os.sep, "/"))
+        if relative.is_absolute() or relative.parts[0] == "..":
+            raise UserError(f"{where}: {name} is outside the CSV's folder; give paths relative to {base}")
+        path = base / relative
+        if not path.resolve().is_relative_to(base):
+            raise UserError(f"{where}: {name} is a symlink to {path.resolve()}, outside the CSV's folder")
+        if not path.is_file():
+            raise UserError(f"{where}: {name} does not exist in {base}")
+        if relative.suffix.lower() not in IMAGE_SUFFIXES:
+            raise UserError(f"{where}: {name} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if relative in seen:
+            raise UserError(f"{where}: {name} is listed twice (row {seen[relative]} too)")
+        seen[relative] = line
+        entries.append(Entry(path, relative, label, "train"))
+    return entries
+
+
+def _replace_dir(new: Path, old: Path) -> None:
+    """Put `new` where `old` is with two renames, restoring `old` if the second one fails."""
+    if not old.exists():
+        os.replace(new, old)
+        return
+    backup = old.with_name(f".{old.name}.{os.getpid()}.old")
+    os.replace(old, backup)
+    try:
+        os.replace(new, old)
+    except OSError:
+        os.replace(backup, old)
+        raise
+    shutil.rmtree(backup)
+
+
+def _named(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_NAMED])
+    return shown + (f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else "")
+
+
+# --- preprocess: decode what fetch copied ----------------------------------------------------------------------
+
+
+def sort_classes(labels: set[str]) -> list[str]:
+    """Class names in index order: numerically when every label is a whole number (2 before 10), else by text."""
+    try:
+        return sorted(labels, key=int)
+    except ValueError:
+        return sorted(labels)
+
+
+def decode_folder(raw_dir: Path, image_size: int, channels: int) -> tuple[list[str], dict[str, Split]]:
+    """Decode every image fetch copied into `raw_dir` as uint8 `channels`×image_size×image_size; return the class
+    names and the splits ("train", and "test" when the user gave one). Unreadable images are named on stderr and
+    left out."""
+    manifest = raw_dir / MANIFEST
+    if not manifest.is_file():
+        raise UserError(f"{manifest} is missing; run the fetch stage first (dvc repro fetch)")
+    with manifest.open(newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    classes = sort_classes({row["label"] for row in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    images: dict[str, list[torch.Tensor]] = {}
+    labels: dict[str, list[int]] = {}
+    failures = []
+    for row in rows:
+        try:
+            image = read_image(raw_dir / row["filename"], channels, (image_size, image_size))
+        except UserError as error:
+            failures.append(str(error))
+            continue
+        images.setdefault(row["split"], []).append(image)
+        labels.setdefault(row["split"], []).append(index[row["label"]])
+    if failures:
+        print(
+            f"warning: skipped {len(failures)} of {len(rows)} images that cannot be decoded:", file=sys.stderr
+        )
+        for line in failures[:MAX_NAMED]:
+            print(f"  {line}", file=sys.stderr)
+        if len(failures) > MAX_NAMED:
+            print(f"  ... and {len(failures) - MAX_NAMED} more", file=sys.stderr)
+    if "train" not in images:
+        first = f"; the first: {failures[0]}" if failures else ""
+        raise UserError(f"none of the {len(rows)} training images in {raw_dir} can be decoded{first}")
+    present = set(labels["train"])
+    missing = [name for i, name in enumerate(classes) if i not in present]
+    if missing:
+        raise UserError(f"class {_named(missing)} has no readable training images left in {raw_dir}")
+    return classes, {
+        split: Split(torch.stack(images[split]), torch.tensor(labels[split], dtype=torch.int64))
+        for split in SPLITS
+        if split in images
+    }

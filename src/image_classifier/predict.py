@@ -9,40 +9,17 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from image_classifier import paths
 from image_classifier.errors import UserError, run_cli
 from image_classifier.export import load_model
-
-# Refuse images that would decode to more than this many pixels (a decompression bomb exhausts memory).
-MAX_PIXELS = 40_000_000
+from image_classifier.images import read_image
 
 
 def load_image(path: Path, image_shape: list[int]) -> torch.Tensor:
-    """Read any PIL-readable image as uint8 C×H×W of the model's shape (grey or RGB, resized)."""
+    """Read an image file as uint8 C×H×W of the model's shape, exactly as preprocess reads a folder data set."""
     channels, height, width = image_shape
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:  # checked from the header, before decoding
-                raise Image.DecompressionBombError
-            image = image.convert("L" if channels == 1 else "RGB").resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not an image") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file PIL can read") from None
-    except Image.DecompressionBombError:
-        raise UserError(
-            f"{path}: image is too large (over {MAX_PIXELS:,} pixels); refusing to decode it"
-        ) from None
-    except (OSError, SyntaxError) as error:  # truncated or corrupt data surfaces while decoding
-        raise UserError(f"{path}: image data is corrupt or truncated ({error})") from None
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.view(height, width, channels).permute(2, 0, 1).contiguous()
+    return read_image(path, channels, (height, width))
 
 
 def describe(probabilities: torch.Tensor, classes: list[str], actual: int | None) -> str:

@@ -252,15 +252,27 @@ def _pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
 
 
+def _model_metadata(config: dict[str, Any]) -> dict[str, Any]:
+    metadata = {key: config[key] for key in ("dataset", "classes", "image_shape") if key in config}
+    if "classes" in metadata:
+        metadata["outputs"] = "logits, one per class in the order of `classes`; inputs are float32 in 0..1"
+    return metadata
+
+
 def log_and_register_model(
     model: torch.nn.Module,
     example: torch.Tensor,
     registered_name: str,
     test_accuracy: float,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Log the model into the active run (MLflow 3 API), register a new version, alias it `candidate`, and
     move `champion` to it only if its test accuracy beats the current champion's; the decision is recorded on
-    the version (tag `decision` and its description). Returns the name, version, decision and whether it won."""
+    the version (tag `decision` and its description). Returns the name, version, decision and whether it won.
+
+    The model's MLmodel metadata gets the class names and input shape from `config`: the served model answers
+    with one logit per class, and whoever loads it (`mlflow.models.get_model_info(uri).metadata`) needs to know
+    which class each one is."""
     model = model.cpu().eval()  # pt2 loading keeps the mode it was saved in
     example = example.detach().cpu().float()
     if example.shape[0] < 2:
@@ -275,6 +287,7 @@ def log_and_register_model(
         input_example=example_np,
         pip_requirements=_pip_requirements(),
         registered_model_name=registered_name,
+        metadata=_model_metadata(config or {}),
     )
     client = MlflowClient()
     version = str(info.registered_model_version)

@@ -1,0 +1,414 @@
+"""Folder data sets (`data.dataset: folder`): fetch's copy into data/raw, preprocess's decoding, the image reader
+predict shares with preprocess, and (slow) the whole pipeline on a folder of real Fashion-MNIST PNGs."""
+
+import csv
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FASHION_DIR, REPO, copy_repo, default_params, run, write_params
+from PIL import Image
+
+from image_classifier import folder
+from image_classifier.errors import UserError
+from image_classifier.folder import copy_image_folder, decode_folder, sort_classes
+from image_classifier.images import read_image
+from image_classifier.predict import load_image
+
+COLOURS = {"cat": (220, 30, 30), "dog": (30, 30, 220)}  # a class you can tell from the pixels
+
+
+def image(path: Path, colour=(200, 40, 40), size=(20, 12), mode: str = "RGB") -> Path:
+    """A small image file, its format from the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).convert(mode).save(path)
+    return path
+
+
+def class_folders(root: Path, counts: dict[str, int], suffix: str = ".png") -> Path:
+    for name, count in counts.items():
+        for i in range(count):
+            image(root / name / f"{i}{suffix}", COLOURS.get(name, (90, 200, 90)))
+    return root
+
+
+def manifest(raw: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((raw / "labels.csv").open()))
+
+
+# --- Layouts ---------------------------------------------------------------------------------------------------
+
+
+def test_class_folders_are_copied_decoded_and_what_is_not_an_image_is_skipped(tmp_path: Path, capsys) -> None:
+    root = class_folders(tmp_path / "images", {"cat": 3, "dog": 2})
+    image(root / "dog" / "more" / "nested.jpg", COLOURS["dog"])  # deeper folders belong to their class
+    (root / "README.md").write_text("about these images\n")
+    (root / "dog" / "notes.txt").write_text("not an image\n")
+    image(root / "cat" / ".hidden.png")
+    image(root / ".thumbnails" / "cat" / "0.png")
+    image(root / "stray.png")  # beside the class folders: no class
+    raw = tmp_path / "raw"
+
+    copy_image_folder(root, raw)
+
+    out = capsys.readouterr().out
+    assert "copied 6 images of 2 classes (train 6)" in out
+    assert out.rstrip().endswith(
+        "; skipped hidden files: 1, hidden folders: 1, images outside a class folder: 1, non-image files: 2"
+    )
+    rows = manifest(raw)
+    assert [(r["filename"], r["label"], r["split"]) for r in rows] == [
+        ("images/cat/0.png", "cat", "train"),
+        ("images/cat/1.png", "cat", "train"),
+        ("images/cat/2.png", "cat", "train"),
+        ("images/dog/0.png", "dog", "train"),
+        ("images/dog/1.png", "dog", "train"),
+        ("images/dog/more/nested.jpg", "dog", "train"),
+    ]
+    assert (raw / "images/cat/0.png").read_bytes() == (root / "cat/0.png").read_bytes()
+    assert sorted(p.name for p in raw.iterdir()) == ["images", "labels.csv"]
+
+    classes, splits = decode_folder(raw, 16, 3)
+    assert classes == ["cat", "dog"] and set(splits) == {"train"}
+    train = splits["train"]
+    assert train.images.shape == (6, 3, 16, 16) and train.images.dtype == torch.uint8
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and train.labels.dtype == torch.int64
+    red, blue = train.images[:, 0].float().mean((1, 2)), train.images[:, 2].float().mean((1, 2))
+    assert ((red > blue) == (train.labels == 0)).all(), "each image decoded under its own label"
+
+
+def test_the_users_own_train_test_split_is_kept(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "images"
+    class_folders(root / "train", {"cat": 4, "dog": 3})
+    class_folders(root / "test", {"cat": 2, "dog": 1})
+    raw = tmp_path / "raw"
+    copy_image_folder(root, raw)
+    assert "copied 10 images of 2 classes (train 7, test 3)" in capsys.readouterr().out
+    assert {r["filename"] for r in manifest(raw) if r["split"] == "test"} == {
+        "images/test/cat/0.png",
+        "images/test/cat/1.png",
+        "images/test/dog/0.png",
+    }
+    classes, splits = decode_folder(raw, 8, 1)
+    assert classes == ["cat", "dog"]
+    assert splits["train"].images.shape == (7, 1, 8, 8) and splits["test"].labels.tolist() == [0, 0, 1]
+
+
+def test_csv_layout_with_text_labels(tmp_path: Path) -> None:
+    base = tmp_path / "shop"
+    rows = [
+        ("photos/a.png", "T-shirt/top"),
+        ("photos/b.jpg", "Bag"),
+        ("c.png", "Bag"),
+        ("./photos/d.png", "Bag"),
+    ]
+    for name, label in rows:
+        image(base / name, COLOURS["cat"] if label == "Bag" else COLOURS["dog"])
+    csv_path = base / "labels.csv"
+    csv_path.write_text("filename,label\n" + "".join(f"{name},{label}\n" for name, label in rows))
+    raw = tmp_path / "raw"
+    copy_image_folder(csv_path, raw)
+    assert [(r["filename"], r["label"]) for r in manifest(raw)] == [
+        ("images/c.png", "Bag"),
+        ("images/photos/a.png", "T-shirt/top"),
+        ("images/photos/b.jpg", "Bag"),
+        ("images/photos/d.png", "Bag"),
+    ]
+    classes, splits = decode_folder(raw, 16, 3)
+    assert classes == ["Bag", "T-shirt/top"]  # a label no folder name could hold
+    assert splits["train"].labels.tolist() == [0, 1, 0, 0]
+
+
+def test_csv_layout_with_numeric_labels_sorts_them_as_numbers(tmp_path: Path) -> None:
+    labels = ["10", "2", "1", "2", "10"]
+    for i in range(len(labels)):
+        image(tmp_path / "digits" / f"{i}.png")
+    (tmp_path / "labels.csv").write_text(
+        "label,filename\n" + "".join(f"{label},digits/{i}.png\n" for i, label in enumerate(labels))
+    )
+    copy_image_folder(tmp_path / "labels.csv", tmp_path / "raw")
+    classes, splits = decode_folder(tmp_path / "raw", 8, 1)
+    assert classes == ["1", "2", "10"]
+    assert [classes[i] for i in splits["train"].labels] == labels
+    assert sort_classes({"b", "10", "a"}) == ["10", "a", "b"]  # text order once any label is not a number
+
+
+# --- Decoding --------------------------------------------------------------------------------------------------
+
+
+def test_corrupt_images_are_named_and_skipped(tmp_path: Path, capsys) -> None:
+    root = class_folders(tmp_path / "images", {"cat": 3, "dog": 3})
+    cut = image(root / "cat" / "cut.png", size=(64, 64))
+    cut.write_bytes(cut.read_bytes()[:80])
+    (root / "dog" / "text.jpg").write_text("a text file named like an image\n")
+    for i in range(11):
+        (root / "dog" / f"zz{i:02}.gif").write_bytes(b"GIF89a" + b"\x00" * 20)
+    copy_image_folder(root, tmp_path / "raw")
+    capsys.readouterr()
+
+    _, splits = decode_folder(tmp_path / "raw", 16, 3)
+    assert splits["train"].labels.tolist() == [0, 0, 0, 1, 1, 1]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "warning: skipped 13 of 19 images that cannot be decoded:"
+    named = "\n".join(err[1:])
+    assert "cat/cut.png: image data is corrupt or truncated" in named
+    assert "dog/text.jpg: not an image file" in named
+    assert len(err) == 1 + 10 + 1 and err[-1] == "  ... and 3 more"
+
+
+def test_no_decodable_training_image_is_one_error(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes(b"not a png")
+    copy_image_folder(root, tmp_path / "raw")
+    with pytest.raises(
+        UserError, match=r"none of the 2 training images in .*raw can be decoded; the first: "
+    ):
+        decode_folder(tmp_path / "raw", 16, 3)
+
+
+def test_a_class_whose_images_are_all_corrupt_is_refused(tmp_path: Path) -> None:
+    root = class_folders(tmp_path / "images", {"cat": 2})
+    (root / "dog").mkdir()
+    (root / "dog" / "x.png").write_bytes(b"not a png")
+    copy_image_folder(root, tmp_path / "raw")
+    with pytest.raises(UserError, match=r"class dog has no readable training images left"):
+        decode_folder(tmp_path / "raw", 16, 3)
+
+
+def test_missing_manifest_says_run_fetch(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"labels.csv is missing; run the fetch stage first"):
+        decode_folder(tmp_path / "raw", 16, 3)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".gif", ".webp", ".bmp"])
+def test_grey_and_colour_files_become_the_channels_asked_for(tmp_path: Path, suffix: str) -> None:
+    grey = image(tmp_path / f"grey{suffix}", (90, 90, 90), size=(40, 30), mode="L")
+    colour = image(tmp_path / f"colour{suffix}", (255, 0, 0), size=(30, 40))
+
+    as_rgb = read_image(grey, 3, (16, 16))
+    assert as_rgb.shape == (3, 16, 16) and as_rgb.dtype == torch.uint8
+    assert torch.equal(as_rgb[0], as_rgb[1]) and torch.equal(as_rgb[1], as_rgb[2])
+    assert abs(as_rgb.float().mean() - 90) <= 3
+
+    as_grey = read_image(colour, 1, (8, 12))
+    assert as_grey.shape == (1, 8, 12)
+    assert abs(as_grey.float().mean() - 0.299 * 255) <= 4  # luma of pure red, not its red channel
+
+
+def test_downscaling_is_antialiased(tmp_path: Path) -> None:
+    # One-pixel stripes, shrunk 7 times: plain bilinear samples land on single stripes (0 or 255), an
+    # antialiased resize averages them to grey.
+    stripes = torch.zeros(63, 63, dtype=torch.uint8)
+    stripes[:, ::2] = 255
+    Image.fromarray(stripes.numpy()).save(tmp_path / "stripes.png")
+    small = read_image(tmp_path / "stripes.png", 1, (9, 9)).float()
+    assert small.std() < 20 and 100 < small.mean() < 155
+
+
+def test_predict_reads_an_image_exactly_as_preprocess_does(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    image(root / "cat" / "photo.jpg", COLOURS["cat"], size=(47, 31))
+    (root / "dog").mkdir()
+    Image.linear_gradient("L").resize((50, 70)).save(root / "dog" / "gradient.png")  # grey, detailed
+    copy_image_folder(root, tmp_path / "raw")
+    _, splits = decode_folder(tmp_path / "raw", 16, 3)
+    for index, path in enumerate((root / "cat" / "photo.jpg", root / "dog" / "gradient.png")):
+        assert torch.equal(load_image(path, [3, 16, 16]), splits["train"].images[index])
+
+
+# --- Refusals --------------------------------------------------------------------------------------------------
+
+
+def csv_source(tmp_path: Path, rows: str, header: str = "filename,label") -> Path:
+    image(tmp_path / "data" / "a.png")
+    image(tmp_path / "data" / "b.png")
+    image(tmp_path / "outside.png")
+    (tmp_path / "data" / "labels.csv").write_text(f"{header}\n{rows}")
+    return tmp_path / "data" / "labels.csv"
+
+
+def symlink_out_of_root(tmp_path: Path) -> Path:
+    root = class_folders(tmp_path / "images", {"cat": 2, "dog": 2})
+    os.symlink(image(tmp_path / "secret.png"), root / "cat" / "link.png")
+    return root
+
+
+def folder_link_out_of_root(tmp_path: Path) -> Path:
+    root = class_folders(tmp_path / "images", {"cat": 2, "dog": 2})
+    class_folders(tmp_path / "elsewhere", {"x": 1})
+    os.symlink(tmp_path / "elsewhere" / "x", root / "dog" / "more")
+    return root
+
+
+def empty_class(tmp_path: Path) -> Path:
+    root = class_folders(tmp_path / "images", {"cat": 2, "dog": 2})
+    (root / "bird").mkdir()
+    (root / "bird" / "notes.txt").write_text("no pictures yet\n")
+    return root
+
+
+def split_mismatch(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    class_folders(root / "train", {"cat": 2, "dog": 2})
+    class_folders(root / "test", {"cat": 1, "emu": 1})
+    return root
+
+
+def empty_folder(tmp_path: Path) -> Path:
+    (tmp_path / "images").mkdir()
+    return tmp_path / "images"
+
+
+def csv_with_symlink_out(tmp_path: Path) -> Path:
+    source = csv_source(tmp_path, "a.png,x\nlink.png,y\n")
+    os.symlink(tmp_path / "outside.png", tmp_path / "data" / "link.png")
+    return source
+
+
+def train_beside_classes(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    class_folders(root / "train", {"cat": 2, "dog": 2})
+    class_folders(root, {"val": 1})
+    return root
+
+
+REFUSALS = {
+    "missing-path": (lambda tmp: tmp / "nowhere", r"data.path .*nowhere does not exist"),
+    "not-a-csv": (lambda tmp: image(tmp / "one.png"), r"data.path .*one.png is a file but not a .csv"),
+    "one-class": (
+        lambda tmp: class_folders(tmp / "images", {"cat": 3}),
+        r"images: found 1 class \(cat\); a classifier needs at least 2",
+    ),
+    "no-images": (empty_folder, r"found 0 classes \(no images\)"),
+    "class-without-images": (empty_class, r"class folder bird has no images"),
+    "symlink-out-of-root": (symlink_out_of_root, r"cat/link.png is a symlink to .*secret.png, outside "),
+    "folder-symlink-out-of-root": (
+        folder_link_out_of_root,
+        r"dog/more is a symlink to .*elsewhere/x, outside",
+    ),
+    "train-test-classes-differ": (split_mismatch, r"train/ and test/ must hold .*; only one has dog, emu"),
+    "train-beside-other-folders": (train_beside_classes, r"has train/ beside val/; use either"),
+    "csv-parent": (
+        lambda tmp: csv_source(tmp, "a.png,x\n../outside.png,y\n"),
+        r"labels.csv row 3: ../outside.png is outside the CSV's folder",
+    ),
+    "csv-absolute": (
+        lambda tmp: csv_source(tmp, f"a.png,x\n{tmp}/outside.png,y\n"),
+        r"labels.csv row 3: /.*outside.png is outside the CSV's folder",
+    ),
+    "csv-missing-file": (
+        lambda tmp: csv_source(tmp, "a.png,x\nb.png,y\nc.png,y\n"),
+        r"labels.csv row 4: c.png does not exist in ",
+    ),
+    "csv-symlink-out": (
+        csv_with_symlink_out,
+        r"labels.csv row 3: link.png is a symlink to .*outside.png, outside the CSV's folder",
+    ),
+    "csv-header": (lambda tmp: csv_source(tmp, "a.png,x\n", header="file,class"), r"must name the columns"),
+    "csv-empty-label": (
+        lambda tmp: csv_source(tmp, "a.png,x\nb.png,\n"),
+        r"row 3: needs both a filename and",
+    ),
+    "csv-twice": (
+        lambda tmp: csv_source(tmp, "a.png,x\n./a.png,y\n"),
+        r"row 3: ./a.png is listed twice \(row 2",
+    ),
+    "csv-not-image": (
+        lambda tmp: csv_source(tmp, "a.png,x\nlabels.csv,y\n"),
+        r"row 3: labels.csv is not an image file",
+    ),
+}
+
+
+@pytest.mark.parametrize(("make", "message"), REFUSALS.values(), ids=REFUSALS.keys())
+def test_bad_folders_are_refused_in_one_line(tmp_path: Path, make, message: str) -> None:
+    source = make(tmp_path)
+    with pytest.raises(UserError, match=message) as error:
+        copy_image_folder(source, tmp_path / "raw")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_an_error_while_copying_keeps_the_old_raw_folder(tmp_path: Path, monkeypatch) -> None:
+    raw = tmp_path / "data" / "raw"
+    copy_image_folder(class_folders(tmp_path / "old", {"ant": 1, "bee": 1}), raw)
+    before = {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*") if p.is_file()}
+    copies = []
+
+    def failing_copy(source, target):
+        if len(copies) == 3:
+            raise OSError(28, "No space left on device")
+        copies.append(target)
+        return folder_copy(source, target)
+
+    folder_copy = folder.shutil.copyfile
+    monkeypatch.setattr(folder.shutil, "copyfile", failing_copy)
+    with pytest.raises(UserError, match=r"cannot copy .*new/dog/0.png into .*raw: No space left on device"):
+        copy_image_folder(class_folders(tmp_path / "new", {"cat": 3, "dog": 3}), raw)
+    assert {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in raw.parent.iterdir()) == ["raw"], "no temporary folder left behind"
+
+    monkeypatch.undo()
+    copy_image_folder(tmp_path / "new", raw)  # a good copy replaces everything, old files included
+    assert len(manifest(raw)) == 6 and not (raw / "images/ant").exists()
+    assert sorted(p.name for p in raw.parent.iterdir()) == ["raw"]
+
+
+# --- The whole pipeline ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make setup)")
+def test_pipeline_on_a_folder_of_real_images(tmp_path: Path) -> None:
+    repo = copy_repo(tmp_path / "repo")
+    run([sys.executable, str(REPO / "scripts/make_example_folder.py"), "--count", "300"], cwd=repo)
+    folders = sorted(p.name for p in (repo / "data/images").iterdir() if p.is_dir())
+    assert len(folders) == 10 and "T-shirt-top" in folders
+    raw = default_params()
+    raw["data"].update(dataset="folder", path="data/images", image_size=16, channels=3)
+    raw["preprocess"].update(val_size=0.1, test_size=0.2)
+    raw["train"].update(width=4, epochs=2, batch_size=32, lr=0.05, device="cpu")
+    write_params(repo, raw)
+
+    output = run(["dvc", "repro"], cwd=repo).stdout
+    for stage in ("fetch", "preprocess", "train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in output
+    assert (
+        "copied 300 images of 10 classes (train 300)" in output and "skipped non-image files: 1" in output
+    )  # README
+
+    meta = json.loads((repo / "data/processed/meta.json").read_text())
+    assert meta["classes"] == folders and meta["image_shape"] == [3, 16, 16]
+    assert meta["sizes"] == {"train": 216, "val": 24, "test": 60}
+    metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert list(metrics["per_class"]) == folders
+    predictions = list(csv.DictReader((repo / "reports/evaluate/predictions.csv").open()))
+    assert len(predictions) == 60 and {row["actual"] for row in predictions} == set(folders)
+    assert {row["predicted"] for row in predictions} <= set(folders)
+    for png in ("reports/evaluate/confusion.png", "reports/evaluate/misclassified.png"):
+        assert (repo / png).read_bytes()[:4] == b"\x89PNG"
+    export = json.loads((repo / "reports/export/metrics.json").read_text())
+    assert export["onnx_checked_images"] == 60 and export["onnx_prediction_agreement"] == 1.0
+    assert (repo / "models/export/model.onnx").stat().st_size > 0
+
+    shoe = next((repo / "data/images/Ankle boot").iterdir())
+    line = run(["predict", str(shoe.relative_to(repo))], cwd=repo).stdout.strip()
+    predicted = re.fullmatch(r'data/images/Ankle boot/\d+\.png: Predicted: "([^"]+)" \(\d+\.\d%\)', line)
+    assert predicted and predicted[1] in folders, line
+
+    registered = run(
+        [
+            sys.executable,
+            "-c",
+            "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlruns/mlflow.db'); "
+            "print(json.dumps(mlflow.models.get_model_info('models:/folder-classifier/1').metadata))",
+        ],
+        cwd=repo,
+    )
+    assert json.loads(registered.stdout.strip().splitlines()[-1])["classes"] == folders
