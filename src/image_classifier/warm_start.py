@@ -69,8 +69,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         saved = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
     except FileNotFoundError:
         raise UserError(f"train.init_from: {path} does not exist") from None
-    except Exception as error:  # unpickling refused, damaged, or an old non-zip torch.save file (no mmap)
-        raise UserError(f"train.init_from: cannot load {path}: {load_failure(error)}") from None
+    except Exception as error:  # unpickling refused, damaged, or not a zip archive (which mmap needs)
+        reason = load_failure(error)
+        if "mmap can only be used" in str(error):  # checked before anything is unpickled
+            reason = "not a zip-format torch.save file (a plain pickle, the pre-1.6 torch.save format, or not PyTorch)"
+        raise UserError(f"train.init_from: cannot load {path}: {reason}") from None
     if isinstance(saved, dict):
         for key in (
             "state_dict",
