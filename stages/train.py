@@ -1,5 +1,8 @@
 """Stage 3: train the model `train.model` names, log every epoch to MLflow, keep the best by validation accuracy."""
 
+import tempfile
+from pathlib import Path
+
 from image_classifier import params as params_module
 from image_classifier.errors import run_cli
 
@@ -15,12 +18,13 @@ def main() -> None:
     from image_classifier.export import save_model
     from image_classifier.files import atomic_path
     from image_classifier.train import resume_path, train, write_reports
+    from image_classifier.warm_start import resolve
 
     if params.train.processes > 1 and not distributed.is_worker():
         distributed.relaunch(params.train.processes)  # reruns this script under torchrun
     set_threads(params.train.threads, params.train.processes)
     device = distributed.local_device(pick_device(params.train.device))
-    with distributed.process_group(device) as (rank, world):
+    with distributed.process_group(device) as (rank, world), tempfile.TemporaryDirectory() as downloads:
         lead = rank == 0  # only the first process reports, logs and writes outputs
         if lead:
             print(f"training on {describe(device)}" + (f", {world} processes" if world > 1 else ""))
@@ -42,10 +46,24 @@ def main() -> None:
             "val": paths.SPLIT_FILES["val"],
             "meta": paths.META_FILE,
         }
-        checkpoint_path = resume_path(paths.RESUME_DIR, params.flat(), list(data_files.values()))
+        init_weights, init_what = None, ""
+        if params.train.init_from:
+            init_weights, init_what = resolve(params.train.init_from, params.tracking, Path(downloads))
+        # The init file's bytes are in the fingerprint: a changed file is not resumed from a stale checkpoint.
+        checkpoint_path = resume_path(
+            paths.RESUME_DIR, params.flat(), [*data_files.values(), *([init_weights] if init_weights else [])]
+        )
 
         if not lead:
-            train(params.train, model_config, train_split, val_split, device, checkpoint_path)
+            train(
+                params.train,
+                model_config,
+                train_split,
+                val_split,
+                device,
+                checkpoint_path,
+                init_weights=init_weights,
+            )
             return
         tags = tracking.source_tags({**data_files, "test": paths.SPLIT_FILES["test"]}, describe(device))
         with tracking.start_run(params.flat(), tags) as run_id:
@@ -63,7 +81,10 @@ def main() -> None:
                 device,
                 checkpoint_path,
                 on_epoch=tracking.log_epoch,
+                init_weights=init_weights,
             )
+            if result.warm_start:
+                tracking.log_warm_start(result.warm_start.as_dict(), init_what)
             save_model(paths.MODEL_FILE, model_config, result.best_state)
             with atomic_path(paths.CHECKPOINT_FILE) as temp:
                 torch.save(result.final_checkpoint, temp)

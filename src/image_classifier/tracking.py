@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,9 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 # Files DVC rewrites while a pipeline runs: their changes say nothing about the code or params of a run.
 NOT_SOURCE = ("dvc.lock",)
 DIFF_ARTIFACT = "source/uncommitted.diff"
+# The plain state dict inside every registered model, so a warm start downloads just the weights and loads them
+# with weights_only=True (the pt2 program beside it is not a state dict).
+WEIGHTS_ARTIFACT = "extra_files/weights.pt"
 # How long the reachability check waits for a tracking server before the train stage gives up.
 PROBE_TIMEOUT_S = 5
 
@@ -222,6 +226,25 @@ def log_epoch(stats: dict[str, float]) -> None:
     mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=int(stats["epoch"]))
 
 
+def log_warm_start(report: dict[str, Any], resolved: str) -> None:
+    """Where a warm-started run's first weights came from (warm_start.WarmStartReport.as_dict()): tags to
+    filter runs by, and the full key report as a file. `init_from.resolved` pins what an alias pointed at when
+    the run started (aliases move)."""
+    tags = {
+        "init_from": report["source"],
+        "init_from.resolved": resolved or report["source"],
+        "init_from.sha256": report["sha256"],
+    }
+    tags.update(
+        {
+            f"init_from.{name}": str(len(report[name]))
+            for name in ("matched", "missing", "unexpected", "skipped")
+        }
+    )
+    mlflow.set_tags(tags)
+    mlflow.log_dict(report, "train/warm_start.json")
+
+
 def write_run_file(path: Path, run_id: str) -> None:
     with atomic_path(path) as temp:
         temp.write_text(json.dumps({"run_id": run_id}, indent=2) + "\n")
@@ -280,15 +303,19 @@ def log_and_register_model(
     with torch.no_grad():
         output = model(example).numpy()
     example_np = example.numpy()
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        signature=mlflow.models.infer_signature(example_np, output),
-        input_example=example_np,
-        pip_requirements=_pip_requirements(),
-        registered_model_name=registered_name,
-        metadata=_model_metadata(config or {}),
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / Path(WEIGHTS_ARTIFACT).name
+        torch.save(model.state_dict(), weights)
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=mlflow.models.infer_signature(example_np, output),
+            input_example=example_np,
+            pip_requirements=_pip_requirements(),
+            registered_model_name=registered_name,
+            metadata=_model_metadata(config or {}),
+            extra_files=[str(weights)],  # MLflow puts them under extra_files/: WEIGHTS_ARTIFACT
+        )
     client = MlflowClient()
     version = str(info.registered_model_version)
     client.set_model_version_tag(registered_name, version, "test_accuracy", f"{test_accuracy:.6f}")
@@ -313,3 +340,59 @@ def log_and_register_model(
     client.update_model_version(registered_name, version, description=decision)
     mlflow.set_tag("model.decision", f"{registered_name} version {version}: {decision}")
     return {"name": registered_name, "version": version, "promoted": promoted, "decision": decision}
+
+
+def download_registered_weights(uri: str, params: TrackingParams, folder: Path) -> tuple[Path, str]:
+    """The weights file of the registered model version `models:/<name>@<alias>` or `models:/<name>/<version>`
+    names, downloaded into `folder`; returns its path and "<name> version <n>" (an alias moves: the number says
+    which one was used). Every failure is one line naming the cause."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))", uri)
+    if not match:
+        raise UserError(
+            f"train.init_from = {uri!r}: write models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    name, alias, version = match.groups()
+    store = tracking_uri(params)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    client = MlflowClient()
+    try:
+        with _quick_requests():
+            try:
+                registered = client.get_registered_model(name)
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                known = [model.name for model in client.search_registered_models(max_results=20)]
+                raise UserError(
+                    f"train.init_from: no registered model '{name}' in {store}; "
+                    f"known: {', '.join(known) or 'none'}"
+                ) from None
+            if alias:
+                if alias not in registered.aliases:
+                    aliases = ", ".join(f"@{a}" for a in sorted(registered.aliases)) or "none"
+                    raise UserError(
+                        f"train.init_from: model '{name}' has no alias '{alias}'; its aliases: {aliases}"
+                    )
+                version = str(registered.aliases[alias])
+            else:
+                versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+                if int(version) not in versions:
+                    raise UserError(
+                        f"train.init_from: model '{name}' has no version {version}; "
+                        f"its versions: {', '.join(map(str, versions)) or 'none'}"
+                    )
+    except (MlflowException, OSError) as error:
+        raise UserError(
+            f"train.init_from: cannot use the MLflow store {store} ({_short_reason(error)})"
+        ) from None
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            f"models:/{name}/{version}/{WEIGHTS_ARTIFACT}", dst_path=str(folder)
+        )
+    except (MlflowException, OSError):
+        raise UserError(
+            f"train.init_from: {name} version {version} has no {WEIGHTS_ARTIFACT} (registered before warm starts "
+            "existed); run the export stage again to register a version that has it"
+        ) from None
+    return Path(path), f"{name} version {version}"

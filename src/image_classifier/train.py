@@ -27,6 +27,7 @@ from image_classifier.files import atomic_path
 from image_classifier.models import build_model, predict_logits, to_float
 from image_classifier.params import TrainParams
 from image_classifier.plots import save_training_curves
+from image_classifier.warm_start import WarmStartReport, load_initial_weights
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TrainResult:
     final_checkpoint: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     compile_seconds: float = 0.0
+    warm_start: WarmStartReport | None = None
 
 
 def augment(images: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -133,9 +135,11 @@ def train(
     device: torch.device,
     checkpoint_path: Path,
     on_epoch: Callable[[dict[str, float]], None] = lambda stats: None,
+    init_weights: Path | None = None,
     on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
-    """Train `model_config`'s model; resume from `checkpoint_path` if an earlier run left one there.
+    """Train `model_config`'s model; resume from `checkpoint_path` if an earlier run left one there, else start
+    from the matching tensors of `init_weights` (a warm start, see warm_start.py) if given.
 
     `on_step(step, model)` runs after every optimiser step (the benchmark probes validation accuracy there).
 
@@ -155,8 +159,16 @@ def train(
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
     dtype = autocast_dtype(device, params.precision)
 
-    model = build_model(model_config).to(device, memory_format=memory_format)
-    optimizer = make_optimizer(params, model)
+    warm_start = None
+    # A resume checkpoint already holds the weights (warm-started or not): loading init_weights would be wasted.
+    if init_weights is not None and not checkpoint_path.is_file():
+        model, warm_start = load_initial_weights(model_config, init_weights, params.init_from or None)
+        if rank == 0:
+            print("\n".join(warm_start.lines()))
+    else:
+        model = build_model(model_config)
+    model = model.to(device, memory_format=memory_format)
+    optimizer = make_optimizer(params, model)  # always fresh: a warm start takes weights, not optimiser state
     starts = batch_starts(len(train_split), params.batch_size, world)
     scheduler = make_scheduler(params, optimizer, params.epochs * len(starts))
     images, labels = train_split.images.to(device), train_split.labels.to(device)
@@ -174,6 +186,8 @@ def train(
         generator.set_state(checkpoint["generator"].cpu())
         torch.set_rng_state(checkpoint["torch_rng"].cpu())
         history, best = checkpoint["history"], checkpoint["best"]
+        if checkpoint.get("warm_start"):
+            warm_start = WarmStartReport(**checkpoint["warm_start"])
         first_epoch = checkpoint["epoch"] + 1
         if rank == 0:
             print(f"resuming from {checkpoint_path} after epoch {checkpoint['epoch']}")
@@ -274,6 +288,7 @@ def train(
             "history": history,
             "best": best,
             "epoch": epoch,
+            "warm_start": warm_start.as_dict() if warm_start else None,
         }
         if rank == 0:
             with atomic_path(checkpoint_path) as temp:
@@ -292,6 +307,7 @@ def train(
         final_checkpoint=checkpoint,
         history=history,
         compile_seconds=compile_seconds,
+        warm_start=warm_start,
     )
 
 
