@@ -131,6 +131,7 @@ def our_train(
         "dataset": spec.name,
         "model": params.train.model,
         "width": params.train.width,
+        "test_time_flip": params.train.test_time_flip,
         "image_shape": list(spec.image_shape),
         "classes": list(spec.classes),
         "mean": [pixels.mean().item() if normalise else 0.0],
@@ -210,6 +211,7 @@ QUICKSTART_RECIPE = {
     "label_smoothing": 0.0,
     "crop_padding": 0,
     "flip": False,
+    "test_time_flip": False,
     "batch_size": 64,
     "epochs": 5,
 }

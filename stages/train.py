@@ -36,6 +36,7 @@ def main() -> None:
             "dataset": meta.dataset,
             "model": params.train.model,
             "width": params.train.width,
+            "test_time_flip": params.train.test_time_flip,
             "image_shape": meta.image_shape,
             "classes": meta.classes,
             "mean": meta.mean,

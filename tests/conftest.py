@@ -36,6 +36,7 @@ TINY_MODEL_CONFIG = {
     "classes": list(CLASSES),
     "mean": [0.2],
     "std": [0.3],
+    "test_time_flip": True,
 }
 
 

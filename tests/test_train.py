@@ -175,3 +175,16 @@ def test_training_without_a_validation_split_keeps_the_last_epoch(tiny_params, t
     )
     assert result.best_epoch == tiny_params.train.epochs
     assert all(row["val_accuracy"] != row["val_accuracy"] for row in result.history)  # NaN: nothing to score
+
+
+def test_test_time_flip_averages_an_image_and_its_mirror_in_eval_mode_only() -> None:
+    model = build_model({**TINY_MODEL_CONFIG, "test_time_flip": True})
+    images = torch.rand(4, 1, 28, 28)
+    plain = build_model({**TINY_MODEL_CONFIG, "test_time_flip": False})
+    plain.load_state_dict(model.state_dict())
+    model.eval(), plain.eval()
+    expected = (plain(images) + plain(images.flip(3))) / 2
+    assert torch.allclose(model(images), expected, atol=1e-6)
+    assert not torch.allclose(model(images), plain(images), atol=1e-4)
+    model.train(), plain.train()  # training sees one view: the augmentation already flips
+    assert torch.equal(model(images), plain(images))

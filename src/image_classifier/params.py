@@ -80,6 +80,7 @@ class TrainParams:
     label_smoothing: float
     crop_padding: int
     flip: bool
+    test_time_flip: bool
     seed: int
     device: Literal["auto", "cpu", "cuda", "mps", "xpu"]
     precision: Literal["auto", "fp32", "bf16"]
