@@ -217,10 +217,8 @@ def _is_valid(path: Path, remote: RemoteFile) -> bool:
         return False
     if not path.is_file() or path.stat().st_size != remote.size:
         return False
-    digest = hashlib.sha256() if remote.sha256 else hashlib.md5(usedforsecurity=False)
     with path.open("rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
+        digest = hashlib.file_digest(file, "sha256" if remote.sha256 else "md5")
     return digest.hexdigest() == (remote.sha256 or remote.md5)
 
 

@@ -141,11 +141,8 @@ def uncommitted_diff() -> str:
 
 def file_md5(path: Path) -> str:
     """The md5 DVC records for a file in dvc.lock, so a tag points at the exact cached object."""
-    digest = hashlib.md5()
     with Path(path).open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "md5").hexdigest()
 
 
 def source_tags(data_files: dict[str, Path], device: str) -> dict[str, str]:

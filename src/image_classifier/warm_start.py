@@ -55,11 +55,8 @@ class WarmStartReport:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with Path(path).open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
