@@ -6,9 +6,11 @@ Training resumes from its last checkpoint and, on the CPU with a fixed seed, end
 uninterrupted run; a killed writer never leaves a partial file under an output's name; `dvc repro` recovers.
 """
 
+import contextlib
 import hashlib
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,9 +46,10 @@ def _count_cases(request: pytest.FixtureRequest) -> None:
 
 def subset_params() -> dict:
     raw = default_params()
-    raw["preprocess"].update(val_size=400, train_subset=800)
-    # Several short epochs on the CPU, fixed seed: resumable and bit-reproducible.
-    raw["train"].update(model="cnn", width=4, epochs=5, batch_size=100, lr=0.05, device="cpu", seed=0)
+    raw["preprocess"].update(val_size=400, train_subset=6000)
+    # Several epochs of about a second on the CPU, fixed seed: resumable and bit-reproducible. Much shorter
+    # epochs let a run finish between the checkpoint the test waits for and the signal it then sends.
+    raw["train"].update(model="cnn", width=8, epochs=8, batch_size=100, lr=0.05, device="cpu", seed=0)
     return raw
 
 
@@ -102,7 +105,13 @@ def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict) -
     job = start_command(["dvc", "repro", "train"], repo)
     try:
         wait_for(lambda: checkpoint() >= 1, job, 300, "epoch 1's checkpoint")
-        signal_group(job, signal.SIGINT)
+        # Ctrl-C, again if need be, as a person would: on a loaded machine one SIGINT was seen lost (twice in
+        # many runs, not diagnosed; Python drops an interrupt that lands in a finaliser).
+        for _ in range(5):
+            signal_group(job, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.wait(timeout=3)
+                break
         output = job.communicate(timeout=120)[0].decode(errors="replace")
     finally:
         kill_group(job)
@@ -119,7 +128,7 @@ def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict) -
     finally:
         kill_group(job)
     killed = checkpoint()
-    assert interrupted < killed < 5, (interrupted, killed)
+    assert interrupted < killed < 8, (interrupted, killed)
     model = repo / "models/model.pt"
     assert not model.exists() or state_dict_hash(model) == pipeline["weights"], "no partial model file"
 

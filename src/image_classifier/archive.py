@@ -17,7 +17,7 @@ class ArchiveError(Exception):
     """The archive is damaged or holds something it must not; the message says which member and why."""
 
 
-def extract(
+def safe_extract(
     archive: Path, dest: Path, allowed: Mapping[str, int], required: Sequence[str], scratch: str = ".extract."
 ) -> list[Path]:
     """Extract `archive` (tar, optionally gzipped) into `dest`, replacing the folder(s) it extracts to.

@@ -90,7 +90,7 @@ def _extractor(dest: Path, name: str) -> Callable[[Path], None]:
     def unpack(path: Path) -> None:
         try:
             # Scratch named like the archive's temp files, so the stale-file sweep above finds it too.
-            extracted = archive.extract(path, dest, CIFAR_MEMBERS, CIFAR_REQUIRED, scratch=f".{name}.")
+            extracted = archive.safe_extract(path, dest, CIFAR_MEMBERS, CIFAR_REQUIRED, scratch=f".{name}.")
         except archive.ArchiveError as error:
             raise _Rejected(str(error)) from None
         print(f"extracted {len(extracted)} files into {dest}")
