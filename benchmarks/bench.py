@@ -294,7 +294,10 @@ def main() -> None:
     preprocess = measure("preprocess", device)
 
     def vs_tutorial(seconds: float) -> str:
-        return f"{tutorial['seconds'] / seconds:.1f}x faster" if tutorial else "n/a"
+        if not tutorial:
+            return "n/a"
+        ratio = tutorial["seconds"] / seconds
+        return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
 
     if tutorial:
         rows.append(

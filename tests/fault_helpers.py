@@ -41,7 +41,14 @@ def start_command(args: list[str], cwd: Path, env: dict[str, str] | None = None)
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_default_ctrl_c,
     )
+
+
+def _default_ctrl_c() -> None:
+    # A shell gives a foreground job the default Ctrl-C. Without this, tests started in the background
+    # (`pytest &`, `nohup`: SIGINT ignored, and inherited) would send a Ctrl-C that nothing can hear.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def signal_group(process: subprocess.Popen, signum: int) -> None:
