@@ -1,5 +1,6 @@
 """Stage 3: train the model `train.model` names, log every epoch to MLflow, keep the best by validation accuracy."""
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -55,16 +56,19 @@ def main() -> None:
             paths.RESUME_DIR, params.flat(), [*data_files.values(), *([init_weights] if init_weights else [])]
         )
 
+        # Every process trains; only the lead also reports each epoch to MLflow.
+        run_training = functools.partial(
+            train,
+            params.train,
+            model_config,
+            train_split,
+            val_split,
+            device,
+            checkpoint_path,
+            init_weights=init_weights,
+        )
         if not lead:
-            train(
-                params.train,
-                model_config,
-                train_split,
-                val_split,
-                device,
-                checkpoint_path,
-                init_weights=init_weights,
-            )
+            run_training()
             return
         tags = tracking.source_tags({**data_files, "test": paths.SPLIT_FILES["test"]}, describe(device))
         with tracking.start_run(params.flat(), tags) as run_id:
@@ -74,16 +78,7 @@ def main() -> None:
             tracking.log_dataset(
                 val_split, meta.dataset, "val", paths.SPLIT_FILES["val"], tags["data.val.md5"]
             )
-            result = train(
-                params.train,
-                model_config,
-                train_split,
-                val_split,
-                device,
-                checkpoint_path,
-                on_epoch=tracking.log_epoch,
-                init_weights=init_weights,
-            )
+            result = run_training(on_epoch=tracking.log_epoch)
             if result.warm_start:
                 tracking.log_warm_start(result.warm_start.as_dict(), init_what)
             save_model(paths.MODEL_FILE, model_config, result.best_state)

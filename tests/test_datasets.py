@@ -18,6 +18,7 @@ from conftest import (
     CIFAR_CLASSES,
     FASHION_DIR,
     REPO,
+    TINY_MODEL_CONFIG,
     cifar_entries,
     cifar_spec,
     copy_repo,
@@ -428,13 +429,13 @@ def test_yaml_syntax_error_names_the_line(tmp_path) -> None:
 # --- Models on 3x32x32 colour images -------------------------------------------------------------------------
 
 RGB_CONFIG = {
+    **TINY_MODEL_CONFIG,
     "dataset": "tiny-cifar",
-    "model": "cnn",
-    "width": 4,
     "image_shape": [3, 32, 32],
     "classes": list(CIFAR_CLASSES),
     "mean": [0.2, 0.4, 0.6],
     "std": [0.1, 0.2, 0.3],
+    "test_time_flip": False,  # these tests compare against the bare network
 }
 
 
