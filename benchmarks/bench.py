@@ -1,9 +1,11 @@
 """Speed benchmark: our train path against the PyTorch quickstart as its tutorial writes it.
 
-    make bench                      # or: python benchmarks/bench.py [--skip-tutorial]
+    make bench                      # or: python benchmarks/bench.py [--skip-tutorial] [--rounds 3]
 
 Prints a markdown table. Every measurement runs in a fresh child process (same start-up for each, and the
 child's peak memory is read from the OS); run it on an otherwise idle machine: other load distorts timings.
+The tutorial and the recipe rows it is compared with run in interleaved rounds and report the median round, so
+a machine that speeds up or slows down during the run moves both sides of the ratio alike.
 Needs the fetched data (data/raw, from `dvc repro fetch`) and, for the no-op repro row, a finished `dvc repro`.
 """
 
@@ -112,7 +114,7 @@ def our_train(
     import yaml
 
     from image_classifier import params as params_module
-    from image_classifier.data import decode_idx, stratified_indices
+    from image_classifier.data import channel_stats, decode_idx, stratified_indices
     from image_classifier.datasets import get_dataset
     from image_classifier.device import set_threads
     from image_classifier.models import predict_logits
@@ -126,7 +128,7 @@ def our_train(
     splits = decode_idx(REPO / "data/raw", spec)
     rest, val_index = stratified_indices(splits["train"].labels, val_size, seed=0)
     train_split, val_split = splits["train"].subset(rest), splits["train"].subset(val_index)
-    pixels = train_split.images.double() / 255
+    mean, std = channel_stats(train_split.images)
     config = {
         "dataset": spec.name,
         "model": params.train.model,
@@ -134,8 +136,8 @@ def our_train(
         "test_time_flip": params.train.test_time_flip,
         "image_shape": list(spec.image_shape),
         "classes": list(spec.classes),
-        "mean": [pixels.mean().item() if normalise else 0.0],
-        "std": [pixels.std().item() if normalise else 1.0],
+        "mean": mean if normalise else [0.0],
+        "std": std if normalise else [1.0],
     }
     device = torch.device(device_name)
     with tempfile.TemporaryDirectory() as scratch:
@@ -255,6 +257,16 @@ def measure(name: str, device: str) -> dict:
     return result
 
 
+def median_round(rounds: list[dict[str, dict]], name: str) -> dict:
+    """The round of `name` with the median time (the lower middle one for an even count), with every round's
+    time kept in "round_seconds" to show the spread."""
+    ordered = sorted((round_[name] for round_ in rounds), key=lambda result: result["seconds"])
+    return {
+        **ordered[(len(ordered) - 1) // 2],
+        "round_seconds": [round_[name]["seconds"] for round_ in rounds],
+    }
+
+
 def time_command(args: list[str]) -> float:
     started = time.perf_counter()
     subprocess.run(args, cwd=REPO, check=True, capture_output=True)
@@ -272,6 +284,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--skip-tutorial", action="store_true", help="skip the slow tutorial row")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the tutorial and fp32 recipe rows (default 3)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -284,10 +299,11 @@ def main() -> None:
     if not (REPO / "data/raw").is_dir():
         raise SystemExit("data/raw is missing: run `dvc repro fetch` (or `make repro`) first")
     rows = []
-    tutorial = None if args.skip_tutorial else measure("tutorial", device)
-    recipe = measure("recipe", device)
+    compared = ("recipe", "recipe-raw") if args.skip_tutorial else ("tutorial", "recipe", "recipe-raw")
+    rounds = [{name: measure(name, device) for name in compared} for _ in range(max(1, args.rounds))]
+    tutorial = None if args.skip_tutorial else median_round(rounds, "tutorial")
+    recipe, recipe_raw = median_round(rounds, "recipe"), median_round(rounds, "recipe-raw")
     recipe_bf16 = measure("recipe-bf16", device)
-    recipe_raw = measure("recipe-raw", device)
     default = measure("default", device)
     short = measure("short", device)
     short_compiled = measure("short-compiled", device)
@@ -299,28 +315,47 @@ def main() -> None:
         ratio = tutorial["seconds"] / seconds
         return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
 
+    def spread(result: dict) -> str:
+        times = result.get("round_seconds", [])
+        return f" (rounds: {', '.join(f'{t:.1f}' for t in times)})" if len(times) > 1 else ""
+
+    def vs_tutorial_by_round(result: dict) -> str:
+        """The ratio of the medians, and the range of the ratios within each round."""
+        if not tutorial:
+            return "n/a"
+        ratios = [t / r for t, r in zip(tutorial["round_seconds"], result["round_seconds"], strict=True)]
+        detail = f" (rounds {min(ratios):.1f}-{max(ratios):.1f}x)" if len(ratios) > 1 else ""
+        return vs_tutorial(result["seconds"]) + detail
+
     if tutorial:
         rows.append(
             (
                 "Quickstart tutorial as written (DataLoader, MLP, SGD 1e-3, batch 64, 5 epochs)",
-                f"{tutorial['seconds']:.1f} s",
+                f"{tutorial['seconds']:.1f} s{spread(tutorial)}",
                 f"{tutorial['test_accuracy']:.4f}",
                 "1.0x",
             )
         )
     for label, result in (
-        ("fp32", recipe),
-        ("bf16 autocast", recipe_bf16),
-        ("fp32, inputs not normalised, as the tutorial's", recipe_raw),
+        ("fp32, raw 0..1 inputs as the tutorial's", recipe_raw),
+        ("fp32, our normalised inputs", recipe),
     ):
         rows.append(
             (
                 f"Same recipe through our train loop ({label})",
-                f"{result['seconds']:.1f} s",
+                f"{result['seconds']:.1f} s{spread(result)}",
                 f"{result['test_accuracy']:.4f}",
-                vs_tutorial(result["seconds"]),
+                vs_tutorial_by_round(result),
             )
         )
+    rows.append(
+        (
+            "Same recipe through our train loop (bf16 autocast, normalised inputs; one round)",
+            f"{recipe_bf16['seconds']:.1f} s",
+            f"{recipe_bf16['test_accuracy']:.4f}",
+            vs_tutorial(recipe_bf16["seconds"]),
+        )
+    )
     history = default["history"]
     target = tutorial["test_accuracy"] if tutorial else 0.65
     reached = first_reaching(default, target)

@@ -81,8 +81,7 @@ def decode_idx(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
 
 
 def _read_idx(path: Path, kind: str) -> torch.Tensor:
-    if not path.is_file():
-        raise UserError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
+    _require_fetched(path)
     with path.open("rb") as file:
         header = file.read(4)
     if len(header) < 4:
@@ -100,6 +99,11 @@ def _read_idx(path: Path, kind: str) -> torch.Tensor:
         ) from None
 
 
+def _require_fetched(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
+
+
 def decode_cifar(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
     """Read CIFAR-10's binary batches (extracted by fetch into `raw_dir`) into validated Splits."""
     _check_cifar_classes(raw_dir / CIFAR_META, spec)
@@ -115,8 +119,7 @@ def decode_cifar(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
 
 def _read_cifar_batch(path: Path) -> np.ndarray:
     """A batch file's records as a uint8 array of shape (records, 3073)."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
+    _require_fetched(path)
     data = np.fromfile(path, dtype=np.uint8)
     if len(data) == 0 or len(data) % CIFAR_RECORD_BYTES:
         raise UserError(
@@ -128,8 +131,7 @@ def _read_cifar_batch(path: Path) -> np.ndarray:
 
 def _check_cifar_classes(path: Path, spec: DatasetSpec) -> None:
     """The archive's own class list must be the spec's, in order: labels are indices into it."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
+    _require_fetched(path)
     names = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     if names != list(spec.classes):
         raise UserError(
