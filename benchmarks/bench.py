@@ -316,7 +316,7 @@ def main() -> None:
         return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
 
     def spread(result: dict) -> str:
-        times = result.get("round_seconds", [])
+        times = result["round_seconds"]
         return f" (rounds: {', '.join(f'{t:.1f}' for t in times)})" if len(times) > 1 else ""
 
     def vs_tutorial_by_round(result: dict) -> str:
