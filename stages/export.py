@@ -2,14 +2,12 @@
 
 import json
 
-import torch
-
 from image_classifier import params as params_module
 from image_classifier import paths, tracking
 from image_classifier.data import load_split
 from image_classifier.errors import UserError, run_cli
 from image_classifier.export import example_input, export_onnx, export_program, load_model, onnx_parity
-from image_classifier.files import atomic_path
+from image_classifier.files import atomic_path, save_tensors
 
 
 def main() -> None:
@@ -18,8 +16,7 @@ def main() -> None:
     model, config = load_model(paths.MODEL_FILE)
     example = example_input(config)
 
-    with atomic_path(paths.WEIGHTS_FILE) as temp:
-        torch.save(model.state_dict(), temp)
+    save_tensors(model.state_dict(), paths.WEIGHTS_FILE)
     with atomic_path(paths.MODEL_CONFIG) as temp:
         temp.write_text(json.dumps(config, indent=2) + "\n")
     export_onnx(model, example, paths.ONNX_FILE, params.export.opset)

@@ -11,13 +11,12 @@ from image_classifier.errors import run_cli
 def main() -> None:
     params = params_module.load()
     # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
-    import torch
 
     from image_classifier import distributed, paths, tracking
     from image_classifier.data import Meta, load_split
     from image_classifier.device import describe, pick_device, set_threads
     from image_classifier.export import save_model
-    from image_classifier.files import atomic_path
+    from image_classifier.files import save_tensors
     from image_classifier.train import resume_path, train, write_reports
     from image_classifier.warm_start import resolve
 
@@ -82,8 +81,7 @@ def main() -> None:
             if result.warm_start:
                 tracking.log_warm_start(result.warm_start.as_dict(), init_what)
             save_model(paths.MODEL_FILE, model_config, result.best_state)
-            with atomic_path(paths.CHECKPOINT_FILE) as temp:
-                torch.save(result.final_checkpoint, temp)
+            save_tensors(result.final_checkpoint, paths.CHECKPOINT_FILE)
             metrics = write_reports(result, paths.TRAIN_HISTORY, paths.TRAIN_METRICS, paths.TRAIN_CURVES_PNG)
             tracking.log_results(
                 metrics,

@@ -90,6 +90,15 @@ def test_save_and_load_split_round_trip(tmp_path: Path) -> None:
     assert torch.equal(loaded.images, split.images) and torch.equal(loaded.labels, split.labels)
 
 
+def test_same_split_saves_to_the_same_bytes(tmp_path: Path) -> None:
+    # DVC keys every later stage on these bytes: a rerun of preprocess on the same data must not retrain.
+    split = Split(torch.randint(0, 255, (5, 1, 28, 28), dtype=torch.uint8), torch.arange(5))
+    save_split(split, tmp_path / "s.pt")
+    first = (tmp_path / "s.pt").read_bytes()
+    save_split(split, tmp_path / "s.pt")
+    assert (tmp_path / "s.pt").read_bytes() == first
+
+
 def _replace(raw: Path, spec, role: str, data: bytes) -> None:
     (raw / spec.files[role].name).write_bytes(data)
 

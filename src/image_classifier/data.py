@@ -21,7 +21,7 @@ from image_classifier.datasets import (
     DatasetSpec,
 )
 from image_classifier.errors import UserError, load_failure
-from image_classifier.files import atomic_path
+from image_classifier.files import atomic_path, save_tensors
 from image_classifier.params import PreprocessParams, split_size
 
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 data with 3 and 1 dimensions
@@ -197,8 +197,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def save_split(split: Split, path: Path) -> None:
-    with atomic_path(path) as temp:
-        torch.save({"images": split.images, "labels": split.labels}, temp)
+    save_tensors({"images": split.images, "labels": split.labels}, path)
 
 
 def load_split(path: Path) -> Split:

@@ -7,15 +7,14 @@ import numpy as np
 import torch
 
 from image_classifier.errors import UserError, load_failure
-from image_classifier.files import atomic_path
+from image_classifier.files import atomic_path, save_tensors
 from image_classifier.models import ImageClassifier, build_model, predict_logits, to_float
 
 
 def save_model(path: Path, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
     """A model file: the config that rebuilds the network and its weights. Plain data: loads with
     `torch.load(weights_only=True)`, so opening a teammate's file runs no code."""
-    with atomic_path(path) as temp:
-        torch.save({"config": config, "state_dict": state_dict}, temp)
+    save_tensors({"config": config, "state_dict": state_dict}, path)
 
 
 def load_model(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
@@ -57,8 +56,8 @@ def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
     """A torch.export program (.pt2): runs without the model's Python code, e.g. from C++ or AOTInductor."""
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: batch}})
-    with atomic_path(path) as temp:
-        torch.export.save(program, temp)
+    with atomic_path(path) as temp, temp.open("wb") as file:  # a file object: see files.save_tensors
+        torch.export.save(program, file)
 
 
 def onnx_parity(

@@ -5,6 +5,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import torch
 
 
 @contextlib.contextmanager
@@ -23,3 +26,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def save_tensors(obj: Any, path: Path) -> None:
+    """`torch.save` to `path`, atomically, through a file object.
+
+    Given a path, torch names the records inside its zip after the file, here a random temporary name: the same
+    tensors then differ byte for byte on every run, and DVC reruns every stage after this one.
+    """
+    with atomic_path(path) as temp, temp.open("wb") as file:
+        torch.save(obj, file)

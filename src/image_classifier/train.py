@@ -23,7 +23,7 @@ from image_classifier.data import Split
 from image_classifier.device import autocast_dtype
 from image_classifier.distributed import max_across, rank_and_world, sum_across
 from image_classifier.errors import UserError
-from image_classifier.files import atomic_path
+from image_classifier.files import atomic_path, save_tensors
 from image_classifier.models import build_model, predict_logits, to_float
 from image_classifier.params import TrainParams
 from image_classifier.plots import save_training_curves
@@ -291,8 +291,7 @@ def train(
             "warm_start": warm_start.as_dict() if warm_start else None,
         }
         if rank == 0:
-            with atomic_path(checkpoint_path) as temp:
-                torch.save(checkpoint, temp)
+            save_tensors(checkpoint, checkpoint_path)
             print(
                 f"epoch {epoch}/{params.epochs}: train loss {stats['train_loss']:.4f} "
                 f"acc {stats['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_accuracy:.4f} | "
