@@ -1,6 +1,5 @@
 """The training loop on tiny learnable data: it learns, resumes bit-identically, and stops on a NaN loss."""
 
-import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def test_batch_starts_drops_a_last_batch_of_one() -> None:
 
 
 def test_training_learns_and_keeps_the_best_epoch(tiny_params, tmp_path: Path) -> None:
-    params = dataclasses.replace(tiny_params.train, epochs=3)
+    params = tiny_params.train.model_copy(update={"epochs": 3})
     seen = []
     result = train(
         params,
@@ -87,7 +86,7 @@ def test_training_learns_and_keeps_the_best_epoch(tiny_params, tmp_path: Path) -
 
 
 def test_resume_after_interruption_is_bit_identical(tiny_params, tmp_path: Path) -> None:
-    params = dataclasses.replace(tiny_params.train, epochs=3)
+    params = tiny_params.train.model_copy(update={"epochs": 3})
     train_split, val_split = make_split(300, 1), make_split(100, 2)
     uninterrupted = train(params, CONFIG, train_split, val_split, torch.device("cpu"), tmp_path / "a.pt")
 
@@ -132,15 +131,16 @@ def test_two_runs_are_bit_identical(tiny_params, tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tiny_params, tmp_path: Path) -> None:
-    params = dataclasses.replace(
-        tiny_params.train,
-        lr=10.0,
-        momentum=0.99,
-        schedule="none",
-        label_smoothing=0.0,
-        model="mlp",
-        epochs=3,
-        optimizer="sgd",
+    params = tiny_params.train.model_copy(
+        update={
+            "lr": 10.0,
+            "momentum": 0.99,
+            "schedule": "none",
+            "label_smoothing": 0.0,
+            "model": "mlp",
+            "epochs": 3,
+            "optimizer": "sgd",
+        }
     )
     config = {**CONFIG, "model": "mlp"}
     # This recipe blows up in epoch 1, before any checkpoint exists (tests/test_faults.py has a later one).
@@ -153,7 +153,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(tiny_params, tmp_path: Path) 
 
 
 def test_batch_larger_than_data_is_refused(tiny_params, tmp_path: Path) -> None:
-    params = dataclasses.replace(tiny_params.train, batch_size=10_000)
+    params = tiny_params.train.model_copy(update={"batch_size": 10_000})
     with pytest.raises(UserError, match=r"train.batch_size = 10000 is larger than the training set \(200"):
         train(params, CONFIG, make_split(200, 1), make_split(50, 2), torch.device("cpu"), tmp_path / "r.pt")
 

@@ -1,17 +1,28 @@
-"""The params.yaml schema: one dataclass per section, validated before a stage does any work.
+"""The params.yaml schema: one pydantic model per section, validated before a stage does any work.
 
-Every error names the key, the value and what is allowed, on one line, so a typo costs seconds, not a run.
+pydantic checks keys, types and ranges; this module turns its first error into one line that names the key, the
+value and what is allowed, so a typo costs seconds, not a run. A field's `description` is that "allowed" text.
 """
 
-import dataclasses
 import difflib
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from image_classifier.errors import UserError
 
@@ -22,63 +33,74 @@ class ParamsError(UserError):
     """params.yaml is malformed or holds a value that is not allowed."""
 
 
-@dataclass(frozen=True)
-class DataParams:
+# --- Value types shared by the sections --------------------------------------------------------------------
+
+
+def _keep_int(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    number = handler(value)  # type and range checks as a float
+    # An int passes where a float is allowed but stays an int, so flat() (MLflow params, the resume
+    # fingerprint) shows 5000 as written, not 5000.0.
+    return value if type(value) is int else number
+
+
+def _one_of(*allowed: int) -> AfterValidator:
+    def check(value: int) -> int:
+        if value not in allowed:
+            raise ValueError(f"must be one of {allowed}")
+        return value
+
+    return AfterValidator(check)
+
+
+Number = Annotated[float, WrapValidator(_keep_int)]
+Count = Annotated[int, Field(ge=0)]
+Fraction = Annotated[Number, Field(gt=0, lt=1)]
+SplitSize = Count | Fraction
+SPLIT_SIZE = "a count of images (0, 1, 2, ...) or a fraction in (0, 1)"
+
+
+class _Section(BaseModel):
+    # strict: no silent conversion ('64' is not 64, true is not 1); frozen: stages read params, never change them.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --- The sections, in params.yaml's order ------------------------------------------------------------------
+
+
+class DataParams(_Section):
     dataset: str
-    path: str
-    image_size: int
-    channels: int
-
-    def check(self) -> None:
-        _require(bool(self.path.strip()), "data.path", self.path, "a folder or CSV path")
-        # The CNN halves the resolution three times, so 8 pixels is the least it can take.
-        _require(8 <= self.image_size <= 1024, "data.image_size", self.image_size, "8 to 1024 pixels")
-        _require(self.channels in (1, 3), "data.channels", self.channels, "1 (grayscale) or 3 (RGB)")
+    path: str = Field(pattern=r"\S", description="a folder or CSV path")
+    # The CNN halves the resolution three times, so 8 pixels is the least it can take.
+    image_size: int = Field(ge=8, le=1024, description="8 to 1024 pixels")
+    channels: Annotated[int, _one_of(1, 3)] = Field(description="1 (grayscale) or 3 (RGB)")
 
 
-@dataclass(frozen=True)
-class FetchParams:
+class FetchParams(_Section):
     local_dirs: list[str]
     mirrors: list[str]
-    timeout_s: float
-
-    def check(self) -> None:
-        _require(self.timeout_s > 0, "fetch.timeout_s", self.timeout_s, "a number of seconds above 0")
+    timeout_s: Number = Field(gt=0, description="a number of seconds above 0")
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
-    val_size: float
-    test_size: float
-    train_subset: int
+class PreprocessParams(_Section):
+    val_size: SplitSize = Field(description=SPLIT_SIZE)
+    test_size: SplitSize = Field(description=SPLIT_SIZE)
+    train_subset: int = Field(ge=0, description="0 (all) or a count")
     seed: int
 
-    def check(self) -> None:
-        for key in ("val_size", "test_size"):
-            value = getattr(self, key)
-            _require(
-                value >= 0 and (value < 1 or value == int(value)),
-                f"preprocess.{key}",
-                value,
-                "a count of images (0, 1, 2, ...) or a fraction below 1",
-            )
-        _require(self.train_subset >= 0, "preprocess.train_subset", self.train_subset, "0 (all) or a count")
 
-
-@dataclass(frozen=True)
-class TrainParams:
+class TrainParams(_Section):
     model: Literal["mlp", "cnn"]
-    width: int
-    epochs: int
-    batch_size: int
+    width: int = Field(ge=1, description="an integer >= 1")
+    epochs: int = Field(ge=1, description="an integer >= 1")
+    batch_size: int = Field(ge=1, description="an integer >= 1")
     optimizer: Literal["sgd", "adamw"]
-    lr: float
-    momentum: float
-    nesterov: bool
-    weight_decay: float
+    lr: Number = Field(gt=0, le=10, description="a number in (0, 10]")
+    momentum: Number = Field(ge=0, lt=1, description="a number in [0, 1)")
+    nesterov: bool = Field(description="false when train.momentum is 0")
+    weight_decay: Number = Field(ge=0, description="a number >= 0")
     schedule: Literal["none", "onecycle", "cosine"]
-    label_smoothing: float
-    crop_padding: int
+    label_smoothing: Number = Field(ge=0, lt=1, description="[0, 1)")
+    crop_padding: int = Field(ge=0, le=8, description="0 to 8 pixels")
     flip: bool
     test_time_flip: bool
     seed: int
@@ -86,47 +108,31 @@ class TrainParams:
     precision: Literal["auto", "fp32", "bf16"]
     channels_last: bool
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"]
-    threads: int
-    processes: int
+    threads: int = Field(ge=0, description="0 (all cores) or a count")
+    processes: int = Field(ge=1, le=64, description="1 to 64 processes")
     init_from: str
 
-    def check(self) -> None:
-        _require(1 <= self.processes <= 64, "train.processes", self.processes, "1 to 64 processes")
-        _require(self.width >= 1, "train.width", self.width, "an integer >= 1")
-        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _require(0 < self.lr <= 10, "train.lr", self.lr, "a number in (0, 10]")
-        _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
-        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
-        _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "[0, 1)")
-        _require(0 <= self.crop_padding <= 8, "train.crop_padding", self.crop_padding, "0 to 8 pixels")
-        _require(self.threads >= 0, "train.threads", self.threads, "0 (all cores) or a count")
-        if self.nesterov and self.optimizer == "sgd":
-            _require(self.momentum > 0, "train.nesterov", self.nesterov, "false when train.momentum is 0")
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
+        # PyTorch's SGD refuses Nesterov without momentum, but only once training starts; say so now.
+        # `info.data` holds the fields above this one that passed (a failed momentum is reported on its own).
+        if nesterov and info.data.get("optimizer") == "sgd" and info.data.get("momentum") == 0:
+            raise ValueError("Nesterov momentum needs momentum")
+        return nesterov
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int
-    misclassified: int
-
-    def check(self) -> None:
-        _require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
-        _require(1 <= self.misclassified <= 100, "evaluate.misclassified", self.misclassified, "1 to 100")
+class EvaluateParams(_Section):
+    batch_size: int = Field(ge=1, description="an integer >= 1")
+    misclassified: int = Field(ge=1, le=100, description="1 to 100")
 
 
-@dataclass(frozen=True)
-class ExportParams:
-    opset: int
-    max_logit_diff: float
-
-    def check(self) -> None:
-        _require(17 <= self.opset <= 23, "export.opset", self.opset, "an ONNX opset from 17 to 23")
-        _require(self.max_logit_diff > 0, "export.max_logit_diff", self.max_logit_diff, "a number above 0")
+class ExportParams(_Section):
+    opset: int = Field(ge=17, le=23, description="an ONNX opset from 17 to 23")
+    max_logit_diff: Number = Field(gt=0, description="a number above 0")
 
 
-@dataclass(frozen=True)
-class TrackingParams:
+class TrackingParams(_Section):
     """Where MLflow runs go. Not a DVC param: pointing at a team server must not rerun stages."""
 
     uri: str = ""
@@ -134,23 +140,21 @@ class TrackingParams:
     model_name: str = ""
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(_Section):
     data: DataParams
     fetch: FetchParams
     preprocess: PreprocessParams
     train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams
-    tracking: TrackingParams = field(default_factory=TrackingParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
 
     def flat(self) -> dict[str, Any]:
         """Every value as `section.key`, the form MLflow params and `dvc exp run -S` use."""
-        return {
-            f"{section}.{key}": value
-            for section, values in dataclasses.asdict(self).items()
-            for key, value in values.items()
-        }
+        return {f"{name}.{key}": value for name, section in self for key, value in section}
+
+
+# --- Loading -----------------------------------------------------------------------------------------------
 
 
 def load(path: Path = PARAMS_FILE) -> Params:
@@ -171,80 +175,99 @@ def load(path: Path = PARAMS_FILE) -> Params:
 
 def from_dict(raw: Any, source: str = "params") -> Params:
     """Build Params from plain data, checking keys, types and ranges."""
-    params = _build(Params, raw, prefix="", source=source)
-    for section in dataclasses.fields(params):
-        check = getattr(getattr(params, section.name), "check", None)
-        if check:
-            check()
-    return params
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(f"{source}: {_describe(error.errors(include_url=False))}") from None
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
-    where = prefix.rstrip(".") or "the top level"
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: {where} must be a mapping of keys to values, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
-            raise ParamsError(f"{source}: unknown key '{prefix}{key}'{hint}")
-    values = {}
-    for name, spec in fields.items():
-        key = f"{prefix}{name}"
-        if name not in raw:
-            has_default = (
-                spec.default is not dataclasses.MISSING or spec.default_factory is not dataclasses.MISSING
-            )
-            if dataclasses.is_dataclass(hints[name]) and not has_default:
-                raise ParamsError(f"{source}: missing section '{key}'")
-            if not has_default:
-                raise ParamsError(f"{source}: missing key '{key}'")
-            continue
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], prefix=f"{key}.", source=source)
+def split_size(value: float, total: int) -> int:
+    """A `val_size`/`test_size` as a count of images: a fraction below 1 of `total`, or the count itself."""
+    return round(value * total) if 0 < value < 1 else int(value)
+
+
+# --- pydantic's errors as one line -------------------------------------------------------------------------
+
+_RANGE_ERRORS = {
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "string_pattern_mismatch",
+    "value_error",  # a validator's check, such as data.channels or train.nesterov
+}
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
+
+
+def _describe(errors: list[ErrorDetails]) -> str:
+    # A renamed key is both unknown and missing: the unknown one is the cause, and its suggestion the fix.
+    first = min(errors, key=lambda error: error["type"] != "extra_forbidden")
+    loc, value = first["loc"], first["input"]
+    if first["type"] == "extra_forbidden":
+        return _unknown_key(loc)
+    key, field = _locate(loc)
+    if first["type"] == "missing":
+        return f"missing {'section' if len(loc) == 1 else 'key'} '{key}'"
+    if first["type"] == "model_type":
+        return f"{key or 'the top level'} must be a mapping of keys to values, got {value!r}"
+    if first["type"] == "list_type":
+        return f"{key} = {value!r} must be a list"
+    # A union (`int | float`) reports one error per alternative, all for the same key: judge them together,
+    # so the line never lists pydantic's alternatives one by one.
+    kinds = {error["type"] for error in errors if _locate(error["loc"])[0] == key}
+    allowed = field.description if field and field.description else first["msg"]
+    if kinds & _RANGE_ERRORS:
+        return f"{key} = {value!r} is out of range; allowed: {allowed}"
+    if kinds == {"literal_error"}:
+        return _not_allowed(key, value, field)
+    expected = _TYPE_NAMES.get(first["type"], allowed) if len(kinds) == 1 else allowed
+    return f"{key} = {value!r} must be {expected}, not {type(value).__name__}{_exponent_tip(value, kinds)}"
+
+
+def _locate(loc: tuple[int | str, ...]) -> tuple[str, FieldInfo | None]:
+    """The key an error location names (`train.lr`, `fetch.local_dirs[0]`) and its field. The tags pydantic adds
+    for a union's alternatives ('constrained-int', 'constrained-float') are not fields: they end the walk."""
+    key, field, model = "", None, Params
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif model is not None and part in model.model_fields:
+            field = model.model_fields[part]
+            key = f"{key}.{part}" if key else part
+            model = _section_model(field)
         else:
-            values[name] = _coerce(raw[name], hint, key, source)
-    return cls(**values)
+            break
+    return key, field
 
 
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            suggestion = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ParamsError(
-                f"{source}: {key} = {value!r} is not allowed; use one of {', '.join(map(str, allowed))}{suggestion}"
-            )
-        return value
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ParamsError(f"{source}: {key} = {value!r} must be a list")
-        return [_coerce(item, item_type, f"{key}[{i}]", source) for i, item in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unions are not supported in the params schema: {key}")
-    # bool is an int in Python; `epochs: true` must still be refused.
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[hint]
-    if not ok:
-        # PyYAML (YAML 1.1) reads 1e-3 as text: only 1.0e-3 or 0.001 are numbers.
-        tip = ""
-        if hint is float and isinstance(value, str) and _is_number(value):
-            number = yaml.safe_dump(float(value)).splitlines()[0]
-            tip = f"; write it as {number} (quotes, or an exponent without a dot like 1e-3, make YAML read text)"
-        raise ParamsError(
-            f"{source}: {key} = {value!r} must be {hint.__name__}, not {type(value).__name__}{tip}"
-        )
-    return value  # an int stays an int where a float is allowed (PEP 484 numeric tower): 5000, not 5000.0
+def _section_model(field: FieldInfo) -> type[BaseModel] | None:
+    annotation = field.annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    *parents, name = loc
+    model = _section_model(Params.model_fields[str(parents[0])]) if parents else Params
+    prefix = "".join(f"{parent}." for parent in parents)
+    known = list(model.model_fields) if model else []
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+    return f"unknown key '{prefix}{name}'; {hint}"
+
+
+def _not_allowed(key: str, value: Any, field: FieldInfo | None) -> str:
+    allowed = [str(choice) for choice in typing.get_args(field.annotation if field else None)]
+    close = difflib.get_close_matches(str(value), allowed, n=1)
+    suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{key} = {value!r} is not allowed; use one of {', '.join(allowed)}{suggestion}"
+
+
+def _exponent_tip(value: Any, kinds: set[str]) -> str:
+    # PyYAML (YAML 1.1) reads 1e-3 as text: only 1.0e-3 or 0.001 are numbers.
+    if "float_type" not in kinds or not isinstance(value, str) or not _is_number(value):
+        return ""
+    number = yaml.safe_dump(float(value)).splitlines()[0]
+    return f"; write it as {number} (quotes, or an exponent without a dot like 1e-3, make YAML read text)"
 
 
 def _is_number(text: str) -> bool:
@@ -253,13 +276,3 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def split_size(value: float, total: int) -> int:
-    """A `val_size`/`test_size` as a count of images: a fraction below 1 of `total`, or the count itself."""
-    return round(value * total) if 0 < value < 1 else int(value)
-
-
-def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
-    if not condition:
-        raise ParamsError(f"params.yaml: {key} = {value!r} is out of range; allowed: {allowed}")
