@@ -220,7 +220,9 @@ PARAMS_CASES = {
         (r"unknown key 'evaluate.colour'; known keys: batch_size",),
     ),
     "wrong-type-text-for-int": Case(
-        FETCH, set_params(train={"epochs": "ten"}), (r"train.epochs = 'ten' must be int, not str",)
+        FETCH,
+        set_params(train={"epochs": "ten"}),
+        (r"train.epochs = 'ten' must be an integer >= 1 or 'auto', not str",),
     ),
     "wrong-type-float-for-int": Case(
         FETCH, set_params(train={"batch_size": 64.5}), (r"train.batch_size = 64.5 must be int, not float",)

@@ -33,27 +33,32 @@ def refusal(raw: object) -> str:
         ("train", "lr", -0.1, "train.lr = -0.1 is out of range"),
         ("train", "lr", float("nan"), "train.lr = nan is out of range"),
         ("train", "lr", True, "train.lr = True must be float, not bool"),
-        ("train", "epochs", 0, "train.epochs = 0 is out of range; allowed: an integer >= 1"),
-        ("train", "epochs", True, "train.epochs = True must be int, not bool"),
-        ("train", "epochs", 2.0, "train.epochs = 2.0 must be int, not float"),
+        ("train", "epochs", 0, "train.epochs = 0 is out of range; allowed: an integer >= 1 or 'auto'"),
+        ("train", "epochs", True, "train.epochs = True must be an integer >= 1 or 'auto', not bool"),
+        ("train", "epochs", "ten", "train.epochs = 'ten' must be an integer >= 1 or 'auto', not str"),
+        ("train", "epochs", 2.0, "train.epochs = 2.0 must be an integer >= 1 or 'auto', not float"),
         ("train", "batch_size", "64", "train.batch_size = '64' must be int, not str"),
         ("train", "batch_size", True, "train.batch_size = True must be int, not bool"),
         ("train", "batch_size", 0, "train.batch_size = 0 is out of range; allowed: an integer >= 1"),
-        ("train", "momentum", 1, "train.momentum = 1 is out of range; allowed: a number in [0, 1)"),
+        ("train", "target_steps", 0, "train.target_steps = 0 is out of range; allowed: an integer >= 1"),
+        ("train", "patience", -1, "train.patience = -1 is out of range; allowed: 0 (off)"),
+        ("train", "ema", "yes", "train.ema = 'yes' must be bool, not str"),
+        ("train", "ema_decay", 1, "train.ema_decay = 1 is out of range; allowed: a number in [0, 1)"),
+        ("train", "class_weights", "balance", "use one of none, balanced (did you mean 'balanced'?)"),
         ("train", "model", "resnet", "train.model = 'resnet' is not allowed; use one of mlp, cnn"),
         ("train", "optimizer", "adam", "did you mean 'adamw'?"),
         ("train", "schedule", "cosin", "did you mean 'cosine'?"),
         ("train", "device", "tpu", "train.device = 'tpu' is not allowed"),
-        ("data", "image_size", 4, "data.image_size = 4 is out of range; allowed: 8 to 1024 pixels"),
+        ("data", "image_size", 4, "data.image_size = 4 is out of range; allowed: 8 to 1024 pixels or 'auto'"),
         ("data", "image_size", 2000, "data.image_size = 2000 is out of range"),
         (
             "data",
             "channels",
             2,
-            "data.channels = 2 is out of range; allowed: 1 (grayscale) or 3 (RGB)",
+            "data.channels = 2 is out of range; allowed: 1 (grayscale), 3 (RGB) or 'auto'",
         ),
-        ("data", "channels", True, "data.channels = True must be int, not bool"),
-        ("data", "channels", 3.0, "data.channels = 3.0 must be int, not float"),
+        ("data", "channels", True, "data.channels = True must be 1 (grayscale), 3 (RGB) or 'auto', not bool"),
+        ("data", "channels", 3.0, "data.channels = 3.0 must be"),
         ("fetch", "local_dirs", "/data", "fetch.local_dirs = '/data' must be a list"),
         ("fetch", "local_dirs", ["/data", 5], "fetch.local_dirs[1] = 5 must be str, not int"),
         ("preprocess", "val_size", -1, "preprocess.val_size = -1 is out of range"),
@@ -72,6 +77,34 @@ def test_bad_values_name_key_value_and_rule(section: str, key: str, value: objec
     assert "\n" not in line and "validation error" not in line  # never pydantic's own multi-line report
 
 
+def test_auto_is_accepted_where_the_pipeline_can_choose() -> None:
+    auto = {"image_size": "auto", "channels": "auto"}
+    raw = tiny_params_dict(
+        data=auto, preprocess={"val_size": "auto", "test_size": "auto"}, train={"epochs": "auto"}
+    )
+    params = params_module.from_dict(raw)
+    assert (params.data.image_size, params.data.channels, params.train.epochs) == ("auto", "auto", "auto")
+    assert (params.preprocess.val_size, params.preprocess.test_size) == ("auto", "auto")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "train.lr",
+        "train.batch_size",
+        "train.target_steps",
+        "train.ema_decay",
+        "train.ema",
+        "evaluate.batch_size",
+    ],
+)
+def test_auto_is_refused_elsewhere_in_one_line_naming_the_key(name: str) -> None:
+    section, key = name.split(".")
+    line = refusal(tiny_params_dict(**{section: {key: "auto"}}))
+    assert line.startswith(f"params: {name} = 'auto' must be ")
+    assert "\n" not in line
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [
@@ -83,6 +116,9 @@ def test_bad_values_name_key_value_and_rule(section: str, key: str, value: objec
         ("preprocess", "val_size", 5000),
         ("preprocess", "test_size", 0.2),
         ("train", "epochs", 1),
+        ("train", "patience", 0),
+        ("train", "ema_decay", 0.0),
+        ("train", "class_weights", "balanced"),
     ],
 )
 def test_values_at_the_edges_are_accepted(section: str, key: str, value: object) -> None:

@@ -53,10 +53,11 @@ def _one_of(*allowed: int) -> AfterValidator:
 
 
 Number = Annotated[float, WrapValidator(_keep_int)]
+Auto = Literal["auto"]  # the pipeline picks the value from the data and the model
 Count = Annotated[int, Field(ge=0)]
 Fraction = Annotated[Number, Field(gt=0, lt=1)]
-SplitSize = Count | Fraction
-SPLIT_SIZE = "a count of images (0, 1, 2, ...) or a fraction in (0, 1)"
+SplitSize = Count | Fraction | Auto
+SPLIT_SIZE = "a count of images (0, 1, 2, ...), a fraction in (0, 1) or 'auto'"
 
 
 class _Section(BaseModel):
@@ -71,8 +72,8 @@ class DataParams(_Section):
     dataset: str
     path: str = Field(pattern=r"\S", description="a folder or CSV path")
     # The CNN halves the resolution three times, so 8 pixels is the least it can take.
-    image_size: int = Field(ge=8, le=1024, description="8 to 1024 pixels")
-    channels: Annotated[int, _one_of(1, 3)] = Field(description="1 (grayscale) or 3 (RGB)")
+    image_size: Annotated[int, Field(ge=8, le=1024)] | Auto = Field(description="8 to 1024 pixels or 'auto'")
+    channels: Annotated[int, _one_of(1, 3)] | Auto = Field(description="1 (grayscale), 3 (RGB) or 'auto'")
 
 
 class FetchParams(_Section):
@@ -91,7 +92,9 @@ class PreprocessParams(_Section):
 class TrainParams(_Section):
     model: Literal["mlp", "cnn"]
     width: int = Field(ge=1, description="an integer >= 1")
-    epochs: int = Field(ge=1, description="an integer >= 1")
+    epochs: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
+    target_steps: int = Field(ge=1, description="an integer >= 1")
+    patience: int = Field(ge=0, description="0 (off) or a count of epochs")
     batch_size: int = Field(ge=1, description="an integer >= 1")
     optimizer: Literal["sgd", "adamw"]
     lr: Number = Field(gt=0, le=10, description="a number in (0, 10]")
@@ -100,9 +103,12 @@ class TrainParams(_Section):
     weight_decay: Number = Field(ge=0, description="a number >= 0")
     schedule: Literal["none", "onecycle", "cosine"]
     label_smoothing: Number = Field(ge=0, lt=1, description="[0, 1)")
+    class_weights: Literal["none", "balanced"]
     crop_padding: int = Field(ge=0, le=8, description="0 to 8 pixels")
     flip: bool
     test_time_flip: bool
+    ema: bool
+    ema_decay: Number = Field(ge=0, lt=1, description="a number in [0, 1)")
     seed: int
     device: Literal["auto", "cpu", "cuda", "mps", "xpu"]
     precision: Literal["auto", "fp32", "bf16"]
@@ -212,7 +218,7 @@ def _describe(errors: list[ErrorDetails]) -> str:
         return f"{key or 'the top level'} must be a mapping of keys to values, got {value!r}"
     if first["type"] == "list_type":
         return f"{key} = {value!r} must be a list"
-    # A union (`int | float`) reports one error per alternative, all for the same key: judge them together,
+    # A union (`int | 'auto'`) reports one error per alternative, all for the same key: judge them together,
     # so the line never lists pydantic's alternatives one by one.
     kinds = {error["type"] for error in errors if _locate(error["loc"])[0] == key}
     allowed = field.description if field and field.description else first["msg"]
@@ -226,7 +232,7 @@ def _describe(errors: list[ErrorDetails]) -> str:
 
 def _locate(loc: tuple[int | str, ...]) -> tuple[str, FieldInfo | None]:
     """The key an error location names (`train.lr`, `fetch.local_dirs[0]`) and its field. The tags pydantic adds
-    for a union's alternatives ('constrained-int', 'constrained-float') are not fields: they end the walk."""
+    for a union's alternatives ('constrained-int', "literal['auto']") are not fields: they end the walk."""
     key, field, model = "", None, Params
     for part in loc:
         if isinstance(part, int):
