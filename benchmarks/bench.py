@@ -172,7 +172,7 @@ def our_train(
 
 
 def _steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    from image_classifier.train import batch_starts
+    from image_classifier.plan import batch_starts
 
     return len(batch_starts(num_samples, batch_size))
 

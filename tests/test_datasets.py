@@ -49,7 +49,7 @@ from image_classifier.export import example_input, export_onnx, load_model, onnx
 from image_classifier.fetch import fetch_dataset, local_folders
 from image_classifier.models import build_model
 from image_classifier.predict import main as predict_main
-from image_classifier.train import augment
+from image_classifier.augment import augment
 
 TOP = "cifar-10-batches-bin"
 

@@ -10,7 +10,9 @@ from conftest import TINY_MODEL_CONFIG, learnable_images
 from image_classifier.data import Split
 from image_classifier.errors import UserError
 from image_classifier.models import QuickstartMLP, build_model
-from image_classifier.train import augment, batch_starts, resume_path, train
+from image_classifier.augment import augment
+from image_classifier.plan import batch_starts
+from image_classifier.train import resume_path, train
 
 
 def make_split(size: int, seed: int) -> Split:

@@ -5,7 +5,8 @@ loads with `torch.load(weights_only=True)`: no pickled code runs when a teammate
 """
 
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ class Meta:
     mean: list[float]
     std: list[float]
     sizes: dict[str, int]
+    class_counts: dict[str, int] = field(default_factory=dict)  # training split; absent in older files
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as temp:
@@ -161,8 +163,13 @@ def validate(split: Split, spec: DatasetSpec, name: str) -> None:
         raise UserError(f"{name} split: no images of class {', '.join(missing)}")
 
 
-def stratified_indices(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split indices into (rest, chosen) with `size` chosen, every class in proportion to its count."""
+def stratified_indices(
+    labels: torch.Tensor, size: int, seed: int, min_per_class: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (rest, chosen) with `size` chosen, every class in proportion to its count.
+
+    With `min_per_class`, a class that would get fewer gets that many, as long as it keeps at least one image
+    in the rest: a tiny class still shows up in validation and test. `chosen` may then exceed `size`."""
     if size > len(labels):
         raise UserError(f"cannot take {size} images from a split of {len(labels)}")
     generator = torch.Generator().manual_seed(seed)
@@ -173,6 +180,8 @@ def stratified_indices(labels: torch.Tensor, size: int, seed: int) -> tuple[torc
     take = exact.floor().long()
     remainder = size - int(take.sum())
     take[torch.argsort(exact - take, descending=True, stable=True)[:remainder]] += 1
+    if size and min_per_class:
+        take = torch.maximum(take, torch.minimum(torch.full_like(take, min_per_class), counts - 1))
     chosen = torch.cat([order[labels[order] == c][: int(take[c])] for c in range(len(counts))])
     mask = torch.zeros(len(labels), dtype=torch.bool)
     mask[chosen] = True
@@ -235,9 +244,9 @@ def preprocess(
     if "test" in decoded:
         splits["test"] = decoded["test"]
     else:
-        rest, test_index = _hold_out(train, "test_size", params.test_size, params.seed)
+        rest, test_index = _hold_out(train, "test_size", params.test_size, params.seed, classes)
         train, splits["test"] = train.subset(rest), train.subset(test_index)
-    rest, val_index = _hold_out(train, "val_size", params.val_size, params.seed)
+    rest, val_index = _hold_out(train, "val_size", params.val_size, params.seed, classes)
     splits = {"train": train.subset(rest), "val": train.subset(val_index), **splits}
     if params.train_subset:
         if params.train_subset > len(rest):
@@ -256,6 +265,7 @@ def preprocess(
         mean=mean,
         std=std,
         sizes={name: len(splits[name]) for name in ("train", "val", "test")},
+        class_counts=dict(zip(classes, torch.bincount(splits["train"].labels, minlength=len(classes)).tolist())),
     )
     meta.save(meta_file)
     from image_classifier.plots import save_image_grid  # matplotlib: only the stage that draws pays for it
@@ -265,21 +275,53 @@ def preprocess(
         preview.images,
         [classes[i] for i in preview.labels],
         samples_png,
-        title=f"{dataset}: first training images",
+        title=f"{dataset}: first training images\n{describe_counts(meta.class_counts, list_each=False)}",
     )
     print(
         f"{dataset}: "
         + ", ".join(f"{name} {size}" for name, size in meta.sizes.items())
         + f" images; mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}"
     )
+    print(f"training images per class: {describe_counts(meta.class_counts)}")
     return meta
 
 
-def _hold_out(split: Split, key: str, size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (kept, held out) for `preprocess.<key>` = `size` (a count or a fraction), stratified."""
-    count = split_size(size, len(split))
+# A largest-to-smallest class ratio above this gets the hint to weight the loss.
+IMBALANCE_HINT_RATIO = 3
+
+
+def describe_counts(counts: dict[str, int], list_each: bool = True) -> str:
+    """`bag 120, coat 12 (10:1 unbalanced: consider train.class_weights: balanced)`, or a range when there are
+    too many classes to list on a line (or `list_each` is off)."""
+    values = list(counts.values())
+    if list_each and len(counts) <= 10:
+        text = ", ".join(f"{name} {count}" for name, count in counts.items())
+    else:
+        text = f"{len(counts)} classes, {min(values)} to {max(values)} each"
+    ratio = max(values) / max(1, min(values))
+    if ratio >= IMBALANCE_HINT_RATIO:
+        text += f" ({ratio:.0f}:1 unbalanced: consider train.class_weights: balanced)"
+    return text
+
+
+def _hold_out(
+    split: Split, key: str, size: float | str, seed: int, classes: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out) for `preprocess.<key>` = `size` (a count, a fraction or auto), stratified, with
+    at least one image of every class that has two or more."""
+    count = split_size(key, size, len(split))
     if count >= len(split):
         raise UserError(
-            f"preprocess.{key} = {size:g} leaves no training images (training set has {len(split)})"
+            f"preprocess.{key} = {size} leaves no training images (training set has {len(split)})"
         )
-    return stratified_indices(split.labels, count, seed)
+    kept, held_out = stratified_indices(split.labels, count, seed, min_per_class=1 if count else 0)
+    if count:
+        missing = set(range(len(classes))) - set(split.labels[held_out].tolist())
+        if missing:
+            names = ", ".join(classes[i] for i in sorted(missing))
+            what = "validation" if key == "val_size" else "test"
+            print(
+                f"warning: class {names} has too few images to split (1 left): the {what} set has none of it",
+                file=sys.stderr,
+            )
+    return kept, held_out

@@ -90,12 +90,12 @@ class PreprocessParams(_Section):
 
 
 class TrainParams(_Section):
-    model: Literal["mlp", "cnn"]
+    model: Literal["auto", "mlp", "cnn", "convnet"]
     width: int = Field(ge=1, description="an integer >= 1")
     epochs: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
     target_steps: int = Field(ge=1, description="an integer >= 1")
     patience: int = Field(ge=0, description="0 (off) or a count of epochs")
-    batch_size: int = Field(ge=1, description="an integer >= 1")
+    batch_size: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
     optimizer: Literal["sgd", "adamw"]
     lr: Number = Field(gt=0, le=10, description="a number in (0, 10]")
     momentum: Number = Field(ge=0, lt=1, description="a number in [0, 1)")
@@ -187,8 +187,17 @@ def from_dict(raw: Any, source: str = "params") -> Params:
         raise ParamsError(f"{source}: {_describe(error.errors(include_url=False))}") from None
 
 
-def split_size(value: float, total: int) -> int:
-    """A `val_size`/`test_size` as a count of images: a fraction below 1 of `total`, or the count itself."""
+# `auto` split sizes: a share of the images, capped where more images would add little precision (the standard
+# error of an accuracy measured on 5,000 images is under 0.4 points).
+AUTO_SPLITS = {"val_size": (0.1, 5_000), "test_size": (0.2, 10_000)}
+
+
+def split_size(key: str, value: float | str, total: int) -> int:
+    """`preprocess.<key>` (val_size or test_size) as a count of images out of `total`: a fraction below 1 of
+    it, the count itself, or for `auto` a share of it (AUTO_SPLITS)."""
+    if value == "auto":
+        share, cap = AUTO_SPLITS[key]
+        return min(round(share * total), cap)
     return round(value * total) if 0 < value < 1 else int(value)
 
 

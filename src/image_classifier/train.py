@@ -1,7 +1,8 @@
 """The training loop: the whole data set on the device as uint8, batches as index slices, augmentation batched.
 
-Reads top to bottom: set up, (maybe) resume, then one loop over epochs that trains, validates, reports and
-checkpoints. Nothing here syncs the device inside an epoch except the progress bar's counter.
+Reads top to bottom: plan (batch, lr, epochs), set up, (maybe) resume, then one loop over epochs that trains,
+validates, keeps the best weights, checkpoints and stops early when validation stops improving. Nothing here
+syncs the device inside an epoch except the progress bar's counter.
 """
 
 import copy
@@ -19,13 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from image_classifier.augment import augment
 from image_classifier.data import Split
 from image_classifier.device import autocast_dtype
 from image_classifier.distributed import max_across, rank_and_world, sum_across
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_path, save_tensors
 from image_classifier.models import build_model, predict_logits, to_float
+from image_classifier.optim import class_weights, make_ema, make_optimizer, make_scheduler
 from image_classifier.params import TrainParams
+from image_classifier.plan import TrainingPlan, batch_starts, plan_training
 from image_classifier.plots import save_training_curves
 from image_classifier.warm_start import WarmStartReport, load_initial_weights
 
@@ -36,65 +40,11 @@ class TrainResult:
     best_epoch: int
     best_val_accuracy: float
     final_checkpoint: dict[str, Any]
+    plan: TrainingPlan
     history: list[dict[str, float]] = field(default_factory=list)
     compile_seconds: float = 0.0
     warm_start: WarmStartReport | None = None
-
-
-def augment(images: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random translation by up to `crop_padding` pixels (zero fill) and random horizontal flip, per image.
-
-    Works on a whole uint8 batch at once with one gather, so it costs the same on a CPU or a GPU.
-    """
-    n, _, height, width = images.shape
-    device = images.device
-    if crop_padding:
-        p = crop_padding
-        padded = F.pad(images, (p, p, p, p))
-        shifts = torch.randint(0, 2 * p + 1, (2, n, 1), device=device, generator=generator)
-        rows = (torch.arange(height, device=device) + shifts[0])[:, None, :, None]
-        cols = (torch.arange(width, device=device) + shifts[1])[:, None, None, :]
-        batch = torch.arange(n, device=device)[:, None, None, None]
-        channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
-        images = padded[batch, channel, rows, cols]
-    if flip:
-        flipped = torch.rand(n, device=device, generator=generator) < 0.5
-        images = torch.where(flipped[:, None, None, None], images.flip(3), images)
-    return images
-
-
-def make_optimizer(params: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
-    if params.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=params.lr,
-            momentum=params.momentum,
-            nesterov=params.nesterov,
-            weight_decay=params.weight_decay,
-        )
-    return torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-
-
-def make_scheduler(
-    params: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per batch. One-cycle warms up over the first quarter, then anneals linearly to ~0."""
-    if params.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=0.25, anneal_strategy="linear"
-        )
-    if params.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
-def batch_starts(num_samples: int, batch_size: int, processes: int = 1) -> list[int]:
-    """Start index of every batch. A last batch too small to give each process two images is dropped
-    (batch norm cannot train on one)."""
-    starts = list(range(0, num_samples, batch_size))
-    if len(starts) > 1 and num_samples - starts[-1] < 2 * processes:
-        starts.pop()
-    return starts
+    stopped_early: bool = False
 
 
 def resume_path(folder: Path, flat_params: dict[str, Any], data_files: list[Path]) -> Path:
@@ -117,6 +67,7 @@ def write_reports(
     metrics = {
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy,
+        "epochs_trained": len(result.history),
         "final_train_loss": result.history[-1]["train_loss"],
         "train_seconds": sum(row["epoch_seconds"] for row in result.history),
         "compile_seconds": result.compile_seconds,
@@ -125,6 +76,46 @@ def write_reports(
         temp.write_text(json.dumps(metrics, indent=2) + "\n")
     save_training_curves(result.history, curves_png)
     return metrics
+
+
+class Selection:
+    """Which epoch's weights training keeps, and when it stops early.
+
+    On a validation set of a few dozen images, accuracy moves in big steps and the highest score is often luck.
+    So the kept epoch is the latest one whose accuracy is within one standard error of the best seen so far
+    (on a plateau, the last epoch: its learning rate is lowest). Training stops after `patience` epochs in
+    which neither the best accuracy nor the lowest validation loss improved.
+    """
+
+    def __init__(self, patience: int, val_size: int, state: dict[str, Any] | None = None) -> None:
+        self.patience, self.val_size = patience, val_size
+        self.state = state or {
+            "epoch": 0,
+            "val_accuracy": -1.0,
+            "weights": None,
+            "max_accuracy": -1.0,
+            "min_loss": math.inf,
+            "stale_epochs": 0,
+        }
+
+    def update(self, epoch: int, accuracy: float, loss: float, model: nn.Module) -> None:
+        s = self.state
+        if self.val_size == 0:  # nothing to choose by: the last epoch is kept
+            s.update(epoch=epoch, val_accuracy=math.nan, weights=_copy_state(model))
+            return
+        improved = accuracy > s["max_accuracy"] or loss < s["min_loss"]
+        s["stale_epochs"] = 0 if improved else s["stale_epochs"] + 1
+        s["max_accuracy"], s["min_loss"] = max(s["max_accuracy"], accuracy), min(s["min_loss"], loss)
+        best = s["max_accuracy"]
+        if accuracy >= best - math.sqrt(best * (1 - best) / self.val_size):
+            s.update(epoch=epoch, val_accuracy=accuracy, weights=_copy_state(model))
+
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.val_size > 0 and self.state["stale_epochs"] >= self.patience
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return copy.deepcopy(model.state_dict())
 
 
 def train(
@@ -141,15 +132,15 @@ def train(
     """Train `model_config`'s model; resume from `checkpoint_path` if an earlier run left one there, else start
     from the matching tensors of `init_weights` (a warm start, see warm_start.py) if given.
 
-    `on_step(step, model)` runs after every optimiser step (the benchmark probes validation accuracy there).
+    `on_step(step, model)` runs after every optimiser step with the model validation uses (the benchmark
+    probes validation accuracy there).
 
     Under torchrun each process trains on its share of every global batch; only rank 0 reports and checkpoints.
     """
     rank, world = rank_and_world()
-    if params.batch_size > len(train_split):
-        raise UserError(
-            f"train.batch_size = {params.batch_size} is larger than the training set ({len(train_split)} images)"
-        )
+    plan = plan_training(params, len(train_split), world)
+    if rank == 0 and plan.notes:
+        print("\n".join(plan.notes))
     torch.manual_seed(params.seed)
     # Bit-identical reruns on the CPU; on a GPU some kernels have no deterministic version.
     torch.use_deterministic_algorithms(device.type == "cpu")
@@ -168,24 +159,32 @@ def train(
     else:
         model = build_model(model_config)
     model = model.to(device, memory_format=memory_format)
-    optimizer = make_optimizer(params, model)  # always fresh: a warm start takes weights, not optimiser state
-    starts = batch_starts(len(train_split), params.batch_size, world)
-    scheduler = make_scheduler(params, optimizer, params.epochs * len(starts))
+    ema = make_ema(model, params.ema_decay) if params.ema else None
+    eval_model = ema.module if ema else model  # what validation scores and the stage saves
+    optimizer = make_optimizer(params, model, plan.lr)  # always fresh: a warm start takes weights only
+    starts = batch_starts(len(train_split), plan.batch_size, world)
+    scheduler = make_scheduler(params, optimizer, plan.epochs * len(starts), plan.lr)
     images, labels = train_split.images.to(device), train_split.labels.to(device)
     val_images, val_labels = val_split.images.to(device), val_split.labels.to(device)
+    loss_weights = None
+    if params.class_weights == "balanced":
+        loss_weights = class_weights(train_split.labels, len(model_config["classes"])).to(device)
 
     history: list[dict[str, float]] = []
-    best = {"epoch": 0, "val_accuracy": -1.0, "state": copy.deepcopy(model.state_dict())}
+    selection = Selection(params.patience, len(val_labels))
     first_epoch = 1
     checkpoint: dict[str, Any] = {}
     if checkpoint_path.is_file():
         checkpoint = torch.load(checkpoint_path, weights_only=True, map_location=device)
         model.load_state_dict(checkpoint["model"])
+        if ema:
+            ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"].cpu())
         torch.set_rng_state(checkpoint["torch_rng"].cpu())
-        history, best = checkpoint["history"], checkpoint["best"]
+        history = checkpoint["history"]
+        selection = Selection(params.patience, len(val_labels), checkpoint["selection"])
         if checkpoint.get("warm_start"):
             warm_start = WarmStartReport(**checkpoint["warm_start"])
         first_epoch = checkpoint["epoch"] + 1
@@ -210,14 +209,19 @@ def train(
         inputs = to_float(batch_images).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = step_model(inputs)
-            loss = F.cross_entropy(logits.float(), batch_labels, label_smoothing=params.label_smoothing)
+            loss = F.cross_entropy(
+                logits.float(), batch_labels, weight=loss_weights, label_smoothing=params.label_smoothing
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema:
+            ema.update_parameters(model)
         return loss.detach(), (logits.argmax(1) == batch_labels).sum()
 
-    for epoch in range(first_epoch, params.epochs + 1):
+    stopped_early = False
+    for epoch in range(first_epoch, plan.epochs + 1):
         model.train()
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -226,12 +230,12 @@ def train(
         correct = torch.zeros((), device=device, dtype=torch.long)
         first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
         seen = 0
-        progress = tqdm(starts, desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=rank != 0)
+        progress = tqdm(starts, desc=f"epoch {epoch}/{plan.epochs}", leave=False, disable=rank != 0)
         for step, start in enumerate(progress):
-            index = order[start : start + params.batch_size][rank::world]
+            index = order[start : start + plan.batch_size][rank::world]
             loss, hits = train_step(images[index], labels[index])
             if on_step:
-                on_step((epoch - 1) * len(starts) + step + 1, model)
+                on_step((epoch - 1) * len(starts) + step + 1, eval_model)
             if step == 0 and epoch == first_epoch and params.compile != "none":
                 # The first compiled step is compilation: report it apart from training time.
                 _synchronize(device)
@@ -257,11 +261,7 @@ def train(
                 f"loss became non-finite at epoch {epoch}, step {first_bad_step.item()}; training stopped, "
                 f"{kept}; lower train.lr"
             )
-        val_logits = predict_logits(model, val_images, 1000, dtype)
-        val_loss = F.cross_entropy(val_logits, val_labels).item() if len(val_labels) else math.nan
-        val_accuracy = (
-            (val_logits.argmax(1) == val_labels).float().mean().item() if len(val_labels) else math.nan
-        )
+        val_loss, val_accuracy = _validate(eval_model, val_images, val_labels, dtype)
         _synchronize(device)
         seconds = time.perf_counter() - started
         stats = {
@@ -275,39 +275,58 @@ def train(
             "samples_per_second": seen / seconds,
         }
         history.append(stats)
-        # With no validation set, the last epoch is the best one.
-        score = val_accuracy if not math.isnan(val_accuracy) else epoch
-        if score > best["val_accuracy"]:
-            best = {"epoch": epoch, "val_accuracy": score, "state": copy.deepcopy(model.state_dict())}
+        selection.update(epoch, val_accuracy, val_loss, eval_model)
         checkpoint = {
             "model": model.state_dict(),
+            "ema": ema.state_dict() if ema else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "history": history,
-            "best": best,
+            "selection": selection.state,
             "epoch": epoch,
             "warm_start": warm_start.as_dict() if warm_start else None,
         }
         if rank == 0:
             save_tensors(checkpoint, checkpoint_path)
             print(
-                f"epoch {epoch}/{params.epochs}: train loss {stats['train_loss']:.4f} "
+                f"epoch {epoch}/{plan.epochs}: train loss {stats['train_loss']:.4f} "
                 f"acc {stats['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_accuracy:.4f} | "
                 f"{seconds:.1f}s, {stats['samples_per_second']:.0f}/s"
             )
             on_epoch(stats)
+        if selection.should_stop() and epoch < plan.epochs:
+            stopped_early = True
+            if rank == 0:
+                print(
+                    f"stopping early after epoch {epoch}: no better validation accuracy or loss in "
+                    f"{params.patience} epochs (train.patience)"
+                )
+            break
 
+    kept = selection.state
     return TrainResult(
-        best_state={k: v.cpu() for k, v in best["state"].items()},
-        best_epoch=best["epoch"],
-        best_val_accuracy=best["val_accuracy"],
+        best_state={k: v.cpu() for k, v in kept["weights"].items()},
+        best_epoch=kept["epoch"],
+        best_val_accuracy=kept["val_accuracy"],
         final_checkpoint=checkpoint,
+        plan=plan,
         history=history,
         compile_seconds=compile_seconds,
         warm_start=warm_start,
+        stopped_early=stopped_early,
     )
+
+
+def _validate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None
+) -> tuple[float, float]:
+    """Validation loss and accuracy (NaN for an empty validation split)."""
+    if len(labels) == 0:
+        return math.nan, math.nan
+    logits = predict_logits(model, images, 1000, dtype)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
 def _synchronize(device: torch.device) -> None:
