@@ -3,6 +3,7 @@
 Every error names the key, the value and what is allowed, on one line, so a typo costs seconds, not a run.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -26,14 +27,15 @@ class ParamsError(UserError):
 class DataParams:
     dataset: str
     path: str
-    image_size: int
-    channels: int
+    image_size: int | Literal["auto"]
+    channels: int | Literal["auto"]
 
     def check(self) -> None:
         _require(bool(self.path.strip()), "data.path", self.path, "a folder or CSV path")
         # The CNN halves the resolution three times, so 8 pixels is the least it can take.
-        _require(8 <= self.image_size <= 1024, "data.image_size", self.image_size, "8 to 1024 pixels")
-        _require(self.channels in (1, 3), "data.channels", self.channels, "1 (grayscale) or 3 (RGB)")
+        size_ok = self.image_size == "auto" or 8 <= self.image_size <= 1024
+        _require(size_ok, "data.image_size", self.image_size, "auto or 8 to 1024 pixels")
+        _require(self.channels in (1, 3, "auto"), "data.channels", self.channels, "auto, 1 (grey) or 3 (RGB)")
 
 
 @dataclass(frozen=True)
@@ -226,8 +228,13 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise ParamsError(f"{source}: {key} = {value!r} must be a list")
         return [_coerce(item, item_type, f"{key}[{i}]", source) for i, item in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unions are not supported in the params schema: {key}")
+    if origin in (typing.Union, types.UnionType):  # the first type the value fits
+        for option in typing.get_args(hint):
+            with contextlib.suppress(ParamsError):
+                return _coerce(value, option, key, source)
+        raise ParamsError(
+            f"{source}: {key} = {value!r} is not allowed; use {' or '.join(map(_name, typing.get_args(hint)))}"
+        )
     # bool is an int in Python; `epochs: true` must still be refused.
     ok = {
         bool: isinstance(value, bool),
@@ -245,6 +252,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             f"{source}: {key} = {value!r} must be {hint.__name__}, not {type(value).__name__}{tip}"
         )
     return value  # an int stays an int where a float is allowed (PEP 484 numeric tower): 5000, not 5000.0
+
+
+def _name(hint: Any) -> str:
+    return (
+        " or ".join(map(str, typing.get_args(hint))) if typing.get_origin(hint) is Literal else hint.__name__
+    )
 
 
 def _is_number(text: str) -> bool:
