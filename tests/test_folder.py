@@ -3,6 +3,7 @@ predict shares with preprocess, and (slow) the whole pipeline on a folder of rea
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import FASHION_DIR, REPO, copy_repo, default_params, run, write_params
 from image_folders import FORMATS, Shape, draw_shape, save, shapes_folder
 from PIL import Image
@@ -20,7 +22,7 @@ from torchvision.transforms.v2 import functional as F
 
 from image_classifier import folder
 from image_classifier.errors import UserError
-from image_classifier.folder import copy_image_folder, decode_folder, sort_classes
+from image_classifier.folder import copy_image_folder, decode_folder, resolve_image_size, sort_classes
 from image_classifier.images import decode_rgb, read_image
 from image_classifier.predict import load_image
 
@@ -322,6 +324,72 @@ def test_a_folder_of_every_size_format_and_mode_decodes_to_one_shape(tmp_path: P
     assert classes == ["circle", "square", "triangle"]
     assert splits["train"].images.shape == (35, 3, 24, 24)
     assert torch.bincount(splits["train"].labels).tolist() == [14, 9, 12]
+
+
+# --- data.channels and data.image_size: auto ------------------------------------------------------------------
+
+
+def grey_folder(root: Path) -> Path:
+    """Grey files of every format, and grey pictures saved as colour files (equal red, green and blue)."""
+    shapes_folder(root, per_class=7, grey=1.0, formats=FORMATS)
+    for suffix in ("png", "jpg", "webp", "tiff"):
+        shape = dataclasses.replace(star(), background=(90, 90, 90), ink=(230, 230, 230))
+        save(shape, root / "star" / f"rgb.{suffix}")
+    return root
+
+
+def test_channels_auto_is_1_when_every_image_is_grey(tmp_path: Path) -> None:
+    copy_image_folder(grey_folder(tmp_path / "images"), tmp_path / "raw")
+    _, auto = decode_folder(tmp_path / "raw", 32, "auto")
+    _, grey = decode_folder(tmp_path / "raw", 32, 1)
+    assert auto["train"].images.shape == (25, 1, 32, 32)
+    assert torch.equal(auto["train"].images, grey["train"].images), "the pixels predict reads with channels 1"
+
+
+def test_channels_auto_is_3_once_one_image_is_in_colour(tmp_path: Path) -> None:
+    root = grey_folder(tmp_path / "images")
+    save(star(), root / "star" / "colour.webp")
+    copy_image_folder(root, tmp_path / "raw")
+    _, auto = decode_folder(tmp_path / "raw", 32, "auto")
+    _, rgb = decode_folder(tmp_path / "raw", 32, 3)
+    assert auto["train"].images.shape == (26, 3, 32, 32)
+    assert torch.equal(auto["train"].images, rgb["train"].images), "the pixels predict reads with channels 3"
+    photo = root / "star" / "colour.webp"
+    assert torch.equal(load_image(photo, [3, 32, 32]), read_image(photo, "auto", (32, 32)))
+
+
+def test_a_grey_image_is_the_same_whatever_channels_the_model_takes(tmp_path: Path) -> None:
+    path = save(star(), tmp_path / "star.png", "grey")
+    grey, rgb = read_image(path, 1, (20, 20)), read_image(path, 3, (20, 20))
+    assert grey.shape == (1, 20, 20) and torch.equal(rgb, grey.expand(3, -1, -1))
+    Image.new("RGB", (30, 30), "white").save(tmp_path / "white.png")
+    assert (read_image(tmp_path / "white.png", 1, (8, 8)) == 255).all(), "white stays 255 in grey"
+
+
+def test_image_size_auto_is_the_small_models_size() -> None:
+    assert resolve_image_size("auto", "cnn") == 32 and resolve_image_size("auto", "mlp") == 32
+    assert resolve_image_size(48, "cnn") == 48
+
+
+def test_preprocess_stage_resolves_auto_and_says_what_it_chose(tmp_path: Path, monkeypatch, capsys) -> None:
+    root = shapes_folder(tmp_path / "images", per_class=10, grey=1.0, formats=("png", "jpg"))
+    copy_image_folder(root, tmp_path / "data" / "raw")
+    raw = default_params()
+    raw["data"].update(dataset="folder", path="images", image_size="auto", channels="auto")
+    raw["preprocess"].update(val_size=0.1, test_size=0.2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("preprocess_stage", REPO / "stages" / "preprocess.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+
+    stage.main()
+
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (
+        "images of 1×32×32 (data.image_size auto: 32; data.channels auto: 1, every image is grey)" in summary
+    )
+    assert json.loads((tmp_path / "data/processed/meta.json").read_text())["image_shape"] == [1, 32, 32]
 
 
 # --- Refusals --------------------------------------------------------------------------------------------------
