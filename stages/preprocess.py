@@ -11,14 +11,19 @@ def main() -> None:
     from image_classifier.datasets import get_dataset
     from image_classifier.paths import META_FILE, RAW_DIR, SAMPLES_PNG, SPLIT_FILES
 
+    note = ""
     if params.data.dataset == "folder":
-        from image_classifier.folder import decode_folder
+        from image_classifier.folder import auto_note, decode_folder, resolve_image_size
 
-        classes, decoded = decode_folder(RAW_DIR, params.data.image_size, params.data.channels)
-    else:
+        size = resolve_image_size(params.data.image_size, params.train.model)
+        classes, decoded = decode_folder(RAW_DIR, size, params.data.channels)
+        note = auto_note(params.data.image_size, params.data.channels, decoded["train"].images)
+    else:  # a built-in data set has its own image shape: data.image_size and data.channels are not used
         spec = get_dataset(params.data.dataset)
         classes, decoded = list(spec.classes), decode(RAW_DIR, spec)
-    preprocess(params.data.dataset, classes, decoded, params.preprocess, SPLIT_FILES, META_FILE, SAMPLES_PNG)
+    preprocess(
+        params.data.dataset, classes, decoded, params.preprocess, SPLIT_FILES, META_FILE, SAMPLES_PNG, note
+    )
 
 
 if __name__ == "__main__":

@@ -2,21 +2,28 @@
 predict shares with preprocess, and (slow) the whole pipeline on a folder of real Fashion-MNIST PNGs."""
 
 import csv
+import dataclasses
+import importlib.util
 import json
 import os
+import random
 import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import FASHION_DIR, REPO, copy_repo, default_params, run, write_params
+from image_folders import FORMATS, Shape, draw_shape, save, shapes_folder
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
 
 from image_classifier import folder
 from image_classifier.errors import UserError
-from image_classifier.folder import copy_image_folder, decode_folder, sort_classes
-from image_classifier.images import read_image
+from image_classifier.folder import copy_image_folder, decode_folder, resolve_image_size, sort_classes
+from image_classifier.images import decode_rgb, read_image
 from image_classifier.predict import load_image
 
 COLOURS = {"cat": (220, 30, 30), "dog": (30, 30, 220)}  # a class you can tell from the pixels
@@ -220,6 +227,169 @@ def test_predict_reads_an_image_exactly_as_preprocess_does(tmp_path: Path) -> No
     _, splits = decode_folder(tmp_path / "raw", 16, 3)
     for index, path in enumerate((root / "cat" / "photo.jpg", root / "dog" / "gradient.png")):
         assert torch.equal(load_image(path, [3, 16, 16]), splits["train"].images[index])
+
+
+# --- Any image: formats, modes, EXIF rotation, transparency ------------------------------------------------------
+
+RED, TEAL = (220, 20, 30), (10, 120, 110)
+
+
+def star(size: tuple[int, int] = (40, 64)) -> Shape:
+    """A red star on teal, 40 wide and 64 high: a rotation that is missed or wrong changes the shape."""
+    return dataclasses.replace(draw_shape("star", size, random.Random(0)), background=TEAL, ink=RED)
+
+
+def on_white(shape: Shape) -> Image.Image:
+    image = Image.new("RGB", shape.mask.size, "white")
+    image.paste(shape.ink, mask=shape.mask)
+    return image
+
+
+SHOWN = {  # what a viewer shows for a file saved as a variant
+    "colour": lambda shape: shape.rgb(),
+    "grey": lambda shape: shape.rgb().convert("L"),
+    "on white": on_white,
+    "grey on white": lambda shape: on_white(shape).convert("L"),
+}
+LOSSY = 10  # mean error per pixel and channel JPEG and lossy WebP make of a small two-colour image (6 seen)
+CASES = {  # id: variant, suffix, what a viewer shows, mean error allowed
+    **{suffix: ("plain", suffix, "colour", LOSSY if suffix in ("jpg", "webp") else 0) for suffix in FORMATS},
+    "grey-jpg": ("grey", "jpg", "grey", 1),
+    "grey-gif": ("grey", "gif", "grey", 0),
+    "cmyk-jpg": ("cmyk", "jpg", "colour", LOSSY),
+    "cmyk-tiff": ("cmyk", "tiff", "colour", 0),
+    "palette-png": ("palette", "png", "on white", 0),
+    "palette-gif": ("palette", "gif", "on white", 0),
+    "rgba-png": ("rgba", "png", "on white", 0),
+    "rgba-webp": ("rgba", "webp", "on white", LOSSY),
+    "rgba-tiff": ("rgba", "tiff", "on white", 0),
+    "la-png": ("la", "png", "grey on white", 0),
+    "exif-jpg": ("exif", "jpg", "colour", LOSSY),
+    "exif-png": ("exif", "png", "colour", 0),
+    "exif-webp": ("exif", "webp", "colour", LOSSY),
+    "exif-tiff": ("exif", "tiff", "colour", 0),
+    "16bit-png": ("16bit", "png", "grey", 0),
+    "16bit-tiff": ("16bit", "tiff", "grey", 0),
+}
+
+
+@pytest.mark.parametrize(("variant", "suffix", "shown", "error"), CASES.values(), ids=CASES)
+def test_every_format_and_mode_decodes_to_what_a_viewer_shows(
+    tmp_path: Path, variant: str, suffix: str, shown: str, error: float
+) -> None:
+    shape = star()
+    path = save(shape, tmp_path / f"star.{suffix}", variant)
+    pixels = decode_rgb(path)
+    expected = F.pil_to_tensor(SHOWN[shown](shape).convert("RGB"))
+    assert pixels.shape == (3, 64, 40) and pixels.dtype == torch.uint8, "upright, 8-bit RGB"
+    assert (pixels.float() - expected.float()).abs().mean() <= error
+
+
+@pytest.mark.parametrize("suffix", ["png", "webp", "tiff"])
+def test_transparent_pixels_come_out_white_not_the_colour_stored_under_them(
+    tmp_path: Path, suffix: str
+) -> None:
+    shape = star()
+    path = save(shape, tmp_path / f"star.{suffix}", "rgba")
+    pixels, outside = decode_rgb(path), F.pil_to_tensor(shape.mask)[0] == 0
+    assert (pixels[:, outside] == 255).all()
+    if suffix == "png":  # what torchvision's RGB mode would have shown instead: the teal under alpha 0
+        dropped = decode_image(
+            torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), ImageReadMode.RGB
+        )
+        assert dropped[:, outside].float().mean(1).tolist() == list(map(float, TEAL))
+
+
+def test_half_transparent_pixels_are_blended_onto_white(tmp_path: Path) -> None:
+    Image.new("RGBA", (4, 4), (0, 0, 200, 128)).save(tmp_path / "half.png")
+    assert decode_rgb(tmp_path / "half.png")[:, 0, 0].tolist() == [127, 127, 227]
+
+
+def test_cmyk_red_stays_red(tmp_path: Path) -> None:
+    Image.new("RGB", (24, 16), RED).convert("CMYK").save(tmp_path / "red.jpg")
+    red, green, blue = read_image(tmp_path / "red.jpg", 3, (8, 8)).float().mean((1, 2)).tolist()
+    assert red > 190 and green < 50 and blue < 60
+
+
+def test_an_animated_gif_is_read_as_its_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (16, 16), colour) for colour in (RED, TEAL)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert decode_rgb(tmp_path / "anim.gif")[:, 0, 0].tolist() == list(RED)
+
+
+def test_a_folder_of_every_size_format_and_mode_decodes_to_one_shape(tmp_path: Path) -> None:
+    root = shapes_folder(tmp_path / "images", per_class=[14, 9, 12], formats=FORMATS, odd=6, grey=0.3)
+    copy_image_folder(root, tmp_path / "raw")
+    classes, splits = decode_folder(tmp_path / "raw", 24, 3)
+    assert classes == ["circle", "square", "triangle"]
+    assert splits["train"].images.shape == (35, 3, 24, 24)
+    assert torch.bincount(splits["train"].labels).tolist() == [14, 9, 12]
+
+
+# --- data.channels and data.image_size: auto ------------------------------------------------------------------
+
+
+def grey_folder(root: Path) -> Path:
+    """Grey files of every format, and grey pictures saved as colour files (equal red, green and blue)."""
+    shapes_folder(root, per_class=7, grey=1.0, formats=FORMATS)
+    for suffix in ("png", "jpg", "webp", "tiff"):
+        shape = dataclasses.replace(star(), background=(90, 90, 90), ink=(230, 230, 230))
+        save(shape, root / "star" / f"rgb.{suffix}")
+    return root
+
+
+def test_channels_auto_is_1_when_every_image_is_grey(tmp_path: Path) -> None:
+    copy_image_folder(grey_folder(tmp_path / "images"), tmp_path / "raw")
+    _, auto = decode_folder(tmp_path / "raw", 32, "auto")
+    _, grey = decode_folder(tmp_path / "raw", 32, 1)
+    assert auto["train"].images.shape == (25, 1, 32, 32)
+    assert torch.equal(auto["train"].images, grey["train"].images), "the pixels predict reads with channels 1"
+
+
+def test_channels_auto_is_3_once_one_image_is_in_colour(tmp_path: Path) -> None:
+    root = grey_folder(tmp_path / "images")
+    save(star(), root / "star" / "colour.webp")
+    copy_image_folder(root, tmp_path / "raw")
+    _, auto = decode_folder(tmp_path / "raw", 32, "auto")
+    _, rgb = decode_folder(tmp_path / "raw", 32, 3)
+    assert auto["train"].images.shape == (26, 3, 32, 32)
+    assert torch.equal(auto["train"].images, rgb["train"].images), "the pixels predict reads with channels 3"
+    photo = root / "star" / "colour.webp"
+    assert torch.equal(load_image(photo, [3, 32, 32]), read_image(photo, "auto", (32, 32)))
+
+
+def test_a_grey_image_is_the_same_whatever_channels_the_model_takes(tmp_path: Path) -> None:
+    path = save(star(), tmp_path / "star.png", "grey")
+    grey, rgb = read_image(path, 1, (20, 20)), read_image(path, 3, (20, 20))
+    assert grey.shape == (1, 20, 20) and torch.equal(rgb, grey.expand(3, -1, -1))
+    Image.new("RGB", (30, 30), "white").save(tmp_path / "white.png")
+    assert (read_image(tmp_path / "white.png", 1, (8, 8)) == 255).all(), "white stays 255 in grey"
+
+
+def test_image_size_auto_is_the_small_models_size() -> None:
+    assert resolve_image_size("auto", "cnn") == 32 and resolve_image_size("auto", "mlp") == 32
+    assert resolve_image_size(48, "cnn") == 48
+
+
+def test_preprocess_stage_resolves_auto_and_says_what_it_chose(tmp_path: Path, monkeypatch, capsys) -> None:
+    root = shapes_folder(tmp_path / "images", per_class=10, grey=1.0, formats=("png", "jpg"))
+    copy_image_folder(root, tmp_path / "data" / "raw")
+    raw = default_params()
+    raw["data"].update(dataset="folder", path="images", image_size="auto", channels="auto")
+    raw["preprocess"].update(val_size=0.1, test_size=0.2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("preprocess_stage", REPO / "stages" / "preprocess.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+
+    stage.main()
+
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (
+        "images of 1×32×32 (data.image_size auto: 32; data.channels auto: 1, every image is grey)" in summary
+    )
+    assert json.loads((tmp_path / "data/processed/meta.json").read_text())["image_shape"] == [1, 32, 32]
 
 
 # --- Refusals --------------------------------------------------------------------------------------------------

@@ -236,9 +236,11 @@ def preprocess(
     split_files: dict[str, Path],
     meta_file: Path,
     samples_png: Path,
+    note: str = "",
 ) -> Meta:
     """Split off validation (and test, when `decoded` has none), stratified and seeded; optionally subsample
-    training; save the splits, their statistics and a preview."""
+    training; save the splits, their statistics and a preview. `note` goes into the summary line after the
+    image shape (how an "auto" setting was resolved)."""
     train = decoded["train"]
     splits = {}
     if "test" in decoded:
@@ -280,7 +282,8 @@ def preprocess(
     print(
         f"{dataset}: "
         + ", ".join(f"{name} {size}" for name, size in meta.sizes.items())
-        + f" images; mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}"
+        + f" images of {'×'.join(map(str, meta.image_shape))}{f' ({note})' if note else ''}"
+        + f"; mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}"
     )
     print(f"training images per class: {describe_counts(meta.class_counts)}")
     return meta

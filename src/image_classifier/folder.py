@@ -19,6 +19,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import torch
 
@@ -255,10 +256,33 @@ def sort_classes(labels: set[str]) -> list[str]:
         return sorted(labels)
 
 
-def decode_folder(raw_dir: Path, image_size: int, channels: int) -> tuple[list[str], dict[str, Split]]:
+# The size the small CNN and the MLP are designed for (three halvings leave 4×4).
+DEFAULT_IMAGE_SIZE = 32
+
+
+def resolve_image_size(image_size: int | Literal["auto"], model: str) -> int:
+    """`data.image_size` in pixels: "auto" is the size `model` was built for, 32 for every model so far. Once it
+    depends on `model` (a pretrained model's own size), preprocess in dvc.yaml must list train.model."""
+    return DEFAULT_IMAGE_SIZE if image_size == "auto" else image_size
+
+
+def auto_note(image_size: int | str, channels: int | str, images: torch.Tensor) -> str:
+    """What the "auto" settings became, for preprocess's summary line; "" when neither is "auto"."""
+    notes = []
+    if image_size == "auto":
+        notes.append(f"data.image_size auto: {images.shape[-1]}")
+    if channels == "auto":
+        why = "every image is grey" if images.shape[1] == 1 else "some images are in colour"
+        notes.append(f"data.channels auto: {images.shape[1]}, {why}")
+    return "; ".join(notes)
+
+
+def decode_folder(
+    raw_dir: Path, image_size: int, channels: int | Literal["auto"]
+) -> tuple[list[str], dict[str, Split]]:
     """Decode every image fetch copied into `raw_dir` as uint8 `channels`×image_size×image_size; return the class
-    names and the splits ("train", and "test" when the user gave one). Unreadable images are named on stderr and
-    left out."""
+    names and the splits ("train", and "test" when the user gave one). `channels` "auto" is 1 when every image
+    is grey, else 3. Unreadable images are named on stderr and left out."""
     manifest = raw_dir / MANIFEST
     if not manifest.is_file():
         raise UserError(f"{manifest} is missing; run the fetch stage first (dvc repro fetch)")
@@ -266,34 +290,44 @@ def decode_folder(raw_dir: Path, image_size: int, channels: int) -> tuple[list[s
         rows = list(csv.DictReader(file))
     classes = sort_classes({row["label"] for row in rows})
     index = {name: i for i, name in enumerate(classes)}
-    images: dict[str, list[torch.Tensor]] = {}
-    labels: dict[str, list[int]] = {}
-    failures = []
+    decoded, failures = [], []
     for row in rows:
         try:
             image = read_image(raw_dir / row["filename"], channels, (image_size, image_size))
         except UserError as error:
             failures.append(str(error))
             continue
-        images.setdefault(row["split"], []).append(image)
-        labels.setdefault(row["split"], []).append(index[row["label"]])
-    if failures:
-        print(
-            f"warning: skipped {len(failures)} of {len(rows)} images that cannot be decoded:", file=sys.stderr
-        )
-        for line in failures[:MAX_NAMED]:
-            print(f"  {line}", file=sys.stderr)
-        if len(failures) > MAX_NAMED:
-            print(f"  ... and {len(failures) - MAX_NAMED} more", file=sys.stderr)
-    if "train" not in images:
+        decoded.append((row["split"], index[row["label"]], image))
+    _warn_undecodable(failures, len(rows))
+    if not any(split == "train" for split, _, _ in decoded):
         first = f"; the first: {failures[0]}" if failures else ""
         raise UserError(f"none of the {len(rows)} training images in {raw_dir} can be decoded{first}")
-    present = set(labels["train"])
-    missing = [name for i, name in enumerate(classes) if i not in present]
+    splits = _stack(decoded)
+    missing = [name for i, name in enumerate(classes) if i not in set(splits["train"].labels.tolist())]
     if missing:
         raise UserError(f"class {_named(missing)} has no readable training images left in {raw_dir}")
-    return classes, {
-        split: Split(torch.stack(images[split]), torch.tensor(labels[split], dtype=torch.int64))
-        for split in SPLITS
-        if split in images
-    }
+    return classes, splits
+
+
+def _stack(decoded: list[tuple[str, int, torch.Tensor]]) -> dict[str, Split]:
+    """(split, label, image) triples as Splits. With channels "auto", `read_image` gave each grey image one
+    channel and each colour image three: one colour image makes every image three channels (the grey value
+    three times, as read_image would give it). Each image is still decoded only once."""
+    channels = max(image.shape[0] for _, _, image in decoded)
+    splits = {}
+    for name in SPLITS:
+        part = [(label, image) for split, label, image in decoded if split == name]
+        if part:
+            images = torch.stack([image.expand(channels, -1, -1) for _, image in part])
+            splits[name] = Split(images, torch.tensor([label for label, _ in part], dtype=torch.int64))
+    return splits
+
+
+def _warn_undecodable(failures: list[str], total: int) -> None:
+    if not failures:
+        return
+    print(f"warning: skipped {len(failures)} of {total} images that cannot be decoded:", file=sys.stderr)
+    for line in failures[:MAX_NAMED]:
+        print(f"  {line}", file=sys.stderr)
+    if len(failures) > MAX_NAMED:
+        print(f"  ... and {len(failures) - MAX_NAMED} more", file=sys.stderr)
