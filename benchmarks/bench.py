@@ -117,7 +117,7 @@ def our_train(
     from image_classifier.data import channel_stats, decode_idx, stratified_indices
     from image_classifier.datasets import get_dataset
     from image_classifier.device import set_threads
-    from image_classifier.models import predict_logits
+    from image_classifier.models import predict_logits, resolve_model
     from image_classifier.train import train
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -129,10 +129,11 @@ def our_train(
     rest, val_index = stratified_indices(splits["train"].labels, val_size, seed=0)
     train_split, val_split = splits["train"].subset(rest), splits["train"].subset(val_index)
     mean, std = channel_stats(train_split.images)
+    model_name, width = resolve_model(params.train.model, params.train.width, spec.name)
     config = {
         "dataset": spec.name,
-        "model": params.train.model,
-        "width": params.train.width,
+        "model": model_name,
+        "width": width,
         "test_time_flip": params.train.test_time_flip,
         "image_shape": list(spec.image_shape),
         "classes": list(spec.classes),
@@ -166,15 +167,8 @@ def our_train(
         "history": result.history,
         "compile_seconds": result.compile_seconds,
         "probes": probe_hook.points if probe_hook else [],
-        "steps_per_epoch": len(result.history)
-        and _steps_per_epoch(len(train_split), params.train.batch_size),
+        "steps_per_epoch": result.plan.steps_per_epoch,
     }
-
-
-def _steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    from image_classifier.plan import batch_starts
-
-    return len(batch_starts(num_samples, batch_size))
 
 
 def preprocess_all() -> dict:
@@ -216,6 +210,7 @@ QUICKSTART_RECIPE = {
     "test_time_flip": False,
     "batch_size": 64,
     "epochs": 5,
+    "ema": False,
 }
 
 SHORT = {"width": 16, "epochs": 7}

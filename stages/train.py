@@ -1,5 +1,6 @@
 """Stage 3: train the model `train.model` names, log every epoch to MLflow, keep the best by validation accuracy."""
 
+import dataclasses
 import functools
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ def main() -> None:
     from image_classifier.device import describe, pick_device, set_threads
     from image_classifier.export import save_model
     from image_classifier.files import save_tensors
+    from image_classifier.models import resolve_model
     from image_classifier.train import resume_path, train, write_reports
     from image_classifier.warm_start import resolve
 
@@ -32,10 +34,13 @@ def main() -> None:
 
         meta = Meta.load(paths.META_FILE)
         train_split, val_split = load_split(paths.SPLIT_FILES["train"]), load_split(paths.SPLIT_FILES["val"])
+        model, width = resolve_model(params.train.model, params.train.width, meta.dataset)
+        if lead and "auto" in (params.train.model, params.train.width):
+            print(f"train.model auto: {model}, width {width}")
         model_config = {
             "dataset": meta.dataset,
-            "model": params.train.model,
-            "width": params.train.width,
+            "model": model,
+            "width": width,
             "test_time_flip": params.train.test_time_flip,
             "image_shape": meta.image_shape,
             "classes": meta.classes,
@@ -78,6 +83,14 @@ def main() -> None:
                 val_split, meta.dataset, "val", paths.SPLIT_FILES["val"], tags["data.val.md5"]
             )
             result = run_training(on_epoch=tracking.log_epoch)
+            tracking.log_resolved(
+                {
+                    "model": model,
+                    "width": width,
+                    **dataclasses.asdict(result.plan),
+                    "stopped_early": result.stopped_early,
+                }
+            )
             if result.warm_start:
                 tracking.log_warm_start(result.warm_start.as_dict(), init_what)
             save_model(paths.MODEL_FILE, model_config, result.best_state)

@@ -225,7 +225,9 @@ PARAMS_CASES = {
         (r"train.epochs = 'ten' must be an integer >= 1 or 'auto', not str",),
     ),
     "wrong-type-float-for-int": Case(
-        FETCH, set_params(train={"batch_size": 64.5}), (r"train.batch_size = 64.5 must be int, not float",)
+        FETCH,
+        set_params(train={"batch_size": 64.5}),
+        (r"train.batch_size = 64.5 must be an integer >= 1 or 'auto', not float",),
     ),
     "wrong-type-text-for-bool": Case(
         FETCH, set_params(train={"flip": "maybe"}), (r"train.flip = 'maybe' must be bool, not str",)
@@ -253,7 +255,7 @@ PARAMS_CASES = {
     "unknown-model": Case(
         FETCH,
         set_params(train={"model": "resnet"}),
-        (r"train.model = 'resnet' is not allowed; use one of mlp, cnn",),
+        (r"train.model = 'resnet' is not allowed; use one of auto, mlp, cnn, convnet",),
     ),
     "unknown-optimizer": Case(
         FETCH,
@@ -296,11 +298,6 @@ PARAMS_CASES = {
         PREPROCESS,
         set_params(preprocess={"train_subset": 301}),
         (r"preprocess.train_subset = 301 is more than the 300 training images",),
-    ),
-    "batch-size-larger-than-data": Case(
-        TRAIN,
-        set_params(train={"batch_size": 1000}),
-        (r"train.batch_size = 1000 is larger than the training set \(300 images\)",),
     ),
     "tracking-store-unreachable": Case(
         TRAIN,

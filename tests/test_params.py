@@ -37,15 +37,21 @@ def refusal(raw: object) -> str:
         ("train", "epochs", True, "train.epochs = True must be an integer >= 1 or 'auto', not bool"),
         ("train", "epochs", "ten", "train.epochs = 'ten' must be an integer >= 1 or 'auto', not str"),
         ("train", "epochs", 2.0, "train.epochs = 2.0 must be an integer >= 1 or 'auto', not float"),
-        ("train", "batch_size", "64", "train.batch_size = '64' must be int, not str"),
-        ("train", "batch_size", True, "train.batch_size = True must be int, not bool"),
+        ("train", "width", "64", "train.width = '64' must be int, not str"),
+        ("train", "width", True, "train.width = True must be int, not bool"),
+        ("train", "batch_size", "64", "train.batch_size = '64' must be an integer >= 1 or 'auto', not str"),
         ("train", "batch_size", 0, "train.batch_size = 0 is out of range; allowed: an integer >= 1"),
         ("train", "target_steps", 0, "train.target_steps = 0 is out of range; allowed: an integer >= 1"),
         ("train", "patience", -1, "train.patience = -1 is out of range; allowed: 0 (off)"),
         ("train", "ema", "yes", "train.ema = 'yes' must be bool, not str"),
         ("train", "ema_decay", 1, "train.ema_decay = 1 is out of range; allowed: a number in [0, 1)"),
         ("train", "class_weights", "balance", "use one of none, balanced (did you mean 'balanced'?)"),
-        ("train", "model", "resnet", "train.model = 'resnet' is not allowed; use one of mlp, cnn"),
+        (
+            "train",
+            "model",
+            "resnet",
+            "train.model = 'resnet' is not allowed; use one of auto, mlp, cnn, convnet",
+        ),
         ("train", "optimizer", "adam", "did you mean 'adamw'?"),
         ("train", "schedule", "cosin", "did you mean 'cosine'?"),
         ("train", "device", "tpu", "train.device = 'tpu' is not allowed"),
@@ -80,18 +86,20 @@ def test_bad_values_name_key_value_and_rule(section: str, key: str, value: objec
 def test_auto_is_accepted_where_the_pipeline_can_choose() -> None:
     auto = {"image_size": "auto", "channels": "auto"}
     raw = tiny_params_dict(
-        data=auto, preprocess={"val_size": "auto", "test_size": "auto"}, train={"epochs": "auto"}
+        data=auto,
+        preprocess={"val_size": "auto", "test_size": "auto"},
+        train={"epochs": "auto", "model": "auto", "batch_size": "auto"},
     )
     params = params_module.from_dict(raw)
     assert (params.data.image_size, params.data.channels, params.train.epochs) == ("auto", "auto", "auto")
     assert (params.preprocess.val_size, params.preprocess.test_size) == ("auto", "auto")
+    assert (params.train.model, params.train.batch_size) == ("auto", "auto")
 
 
 @pytest.mark.parametrize(
     "name",
     [
         "train.lr",
-        "train.batch_size",
         "train.target_steps",
         "train.ema_decay",
         "train.ema",

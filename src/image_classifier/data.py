@@ -267,7 +267,9 @@ def preprocess(
         mean=mean,
         std=std,
         sizes={name: len(splits[name]) for name in ("train", "val", "test")},
-        class_counts=dict(zip(classes, torch.bincount(splits["train"].labels, minlength=len(classes)).tolist())),
+        class_counts=dict(
+            zip(classes, torch.bincount(splits["train"].labels, minlength=len(classes)).tolist(), strict=True)
+        ),
     )
     meta.save(meta_file)
     from image_classifier.plots import save_image_grid  # matplotlib: only the stage that draws pays for it

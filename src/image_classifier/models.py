@@ -99,11 +99,15 @@ class ConvNet(nn.Module):
 CENTRED_DATASETS = frozenset({"fashion-mnist", "mnist", "kmnist"})
 
 
-def resolve_model_name(requested: str, dataset: str) -> str:
-    """`train.model: auto` is `cnn` for the centred 28-pixel data sets and `convnet` for everything else."""
-    if requested != "auto":
-        return requested
-    return "cnn" if dataset in CENTRED_DATASETS else "convnet"
+# `train.width: auto`: the width each network was tuned at (cnn on Fashion-MNIST, convnet on small folders).
+DEFAULT_WIDTHS = {"cnn": 20, "convnet": 32, "mlp": 0}
+
+
+def resolve_model(model: str, width: int | str, dataset: str) -> tuple[str, int]:
+    """`train.model` and `train.width` with `auto` resolved: `cnn` for the centred 28-pixel data sets and
+    `convnet` for everything else, each at its own default width."""
+    name = model if model != "auto" else "cnn" if dataset in CENTRED_DATASETS else "convnet"
+    return name, DEFAULT_WIDTHS[name] if width == "auto" else width
 
 
 class ImageClassifier(nn.Module):

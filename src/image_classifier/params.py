@@ -91,7 +91,7 @@ class PreprocessParams(_Section):
 
 class TrainParams(_Section):
     model: Literal["auto", "mlp", "cnn", "convnet"]
-    width: int = Field(ge=1, description="an integer >= 1")
+    width: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
     epochs: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
     target_steps: int = Field(ge=1, description="an integer >= 1")
     patience: int = Field(ge=0, description="0 (off) or a count of epochs")
@@ -104,7 +104,7 @@ class TrainParams(_Section):
     schedule: Literal["none", "onecycle", "cosine"]
     label_smoothing: Number = Field(ge=0, lt=1, description="[0, 1)")
     class_weights: Literal["none", "balanced"]
-    crop_padding: int = Field(ge=0, le=8, description="0 to 8 pixels")
+    crop_padding: Annotated[int, Field(ge=0, le=64)] | Auto = Field(description="0 to 64 pixels or 'auto'")
     flip: bool
     test_time_flip: bool
     ema: bool

@@ -223,6 +223,15 @@ def log_epoch(stats: dict[str, float]) -> None:
     mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=int(stats["epoch"]))
 
 
+def log_resolved(values: dict[str, Any]) -> None:
+    """What the `auto` params became for this run (`resolved.batch_size`, ...): the run's params hold what
+    params.yaml said; these say what training did. Notes are the lines the stage printed about them."""
+    notes = values.pop("notes", ())
+    mlflow.log_params({f"resolved.{key}": value for key, value in values.items()})
+    if notes:
+        mlflow.log_text("\n".join(notes) + "\n", "train/plan.txt")
+
+
 def log_warm_start(report: dict[str, Any], resolved: str) -> None:
     """Where a warm-started run's first weights came from (warm_start.WarmStartReport.as_dict()): tags to
     filter runs by, and the full key report as a file. `init_from.resolved` pins what an alias pointed at when

@@ -138,7 +138,8 @@ def train(
     Under torchrun each process trains on its share of every global batch; only rank 0 reports and checkpoints.
     """
     rank, world = rank_and_world()
-    plan = plan_training(params, len(train_split), world)
+    image_size = train_split.images.shape[-1]
+    plan = plan_training(params, len(train_split), world, image_size, model_config["model"])
     if rank == 0 and plan.notes:
         print("\n".join(plan.notes))
     torch.manual_seed(params.seed)
@@ -205,7 +206,7 @@ def train(
     def train_step(
         batch_images: torch.Tensor, batch_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_images = augment(batch_images, params.crop_padding, params.flip, augment_generator)
+        batch_images = augment(batch_images, plan.crop_padding, params.flip, augment_generator)
         inputs = to_float(batch_images).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = step_model(inputs)
