@@ -385,10 +385,11 @@ def test_preprocess_stage_resolves_auto_and_says_what_it_chose(tmp_path: Path, m
 
     stage.main()
 
-    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    summary, counts = capsys.readouterr().out.strip().splitlines()[-2:]
     assert (
         "images of 1×32×32 (data.image_size auto: 32; data.channels auto: 1, every image is grey)" in summary
     )
+    assert counts == "training images per class: circle 7, square 7, triangle 7"
     assert json.loads((tmp_path / "data/processed/meta.json").read_text())["image_shape"] == [1, 32, 32]
 
 

@@ -13,7 +13,7 @@ from image_classifier.params import ParamsError
 
 def test_repository_params_file_is_valid() -> None:
     params = params_module.load(REPO / "params.yaml")
-    assert params.train.model in ("cnn", "mlp")
+    assert params.train.model in ("auto", "cnn", "convnet", "mlp")
     flat = params.flat()
     assert flat["train.lr"] == params.train.lr
     assert "tracking.uri" in flat
@@ -37,8 +37,8 @@ def refusal(raw: object) -> str:
         ("train", "epochs", True, "train.epochs = True must be an integer >= 1 or 'auto', not bool"),
         ("train", "epochs", "ten", "train.epochs = 'ten' must be an integer >= 1 or 'auto', not str"),
         ("train", "epochs", 2.0, "train.epochs = 2.0 must be an integer >= 1 or 'auto', not float"),
-        ("train", "width", "64", "train.width = '64' must be int, not str"),
-        ("train", "width", True, "train.width = True must be int, not bool"),
+        ("train", "target_steps", "64", "train.target_steps = '64' must be int, not str"),
+        ("train", "target_steps", True, "train.target_steps = True must be int, not bool"),
         ("train", "batch_size", "64", "train.batch_size = '64' must be an integer >= 1 or 'auto', not str"),
         ("train", "batch_size", 0, "train.batch_size = 0 is out of range; allowed: an integer >= 1"),
         ("train", "target_steps", 0, "train.target_steps = 0 is out of range; allowed: an integer >= 1"),

@@ -169,7 +169,7 @@ def test_batch_larger_than_data_uses_the_whole_set_and_says_so(tiny_params, tmp_
     ("images", "batch", "lr", "epochs"),
     [
         (55_000, 256, 0.2, 12),  # Fashion-MNIST: the reference batch, 215 steps an epoch
-        (1_600, 128, 0.2 * (128 / 256) ** 0.5, 200),  # a 2,000-photo folder: 12 steps an epoch
+        (1_600, 128, 0.2 * (128 / 256) ** 0.5, 193),  # a 2,000-photo folder: 13 steps an epoch
         (130, 16, 0.05, 278),  # 180 photos: 16 per batch, 9 steps an epoch
         (10, 10, 0.2 * (10 / 256) ** 0.5, 2500),  # fewer images than the smallest auto batch
         (10_000_000, 256, 0.2, 3),  # a huge set still gets MIN_AUTO_EPOCHS passes
@@ -184,17 +184,25 @@ def test_auto_plan_follows_the_size_of_the_data(tiny_params, images, batch, lr, 
 
 
 def test_explicit_values_are_kept(tiny_params) -> None:
-    params = tiny_params.train.model_copy(update={"batch_size": 32, "epochs": 5, "lr": 0.3})
-    plan = plan_training(params, 1_000)
-    assert (plan.batch_size, plan.epochs, plan.lr, plan.notes) == (32, 5, 0.3, ())
+    params = tiny_params.train.model_copy(
+        update={"batch_size": 32, "epochs": 5, "lr": 0.3, "crop_padding": 2}
+    )
+    plan = plan_training(params, 1_000, image_size=32, model="convnet")
+    assert (plan.batch_size, plan.epochs, plan.lr, plan.crop_padding, plan.notes) == (32, 5, 0.3, 2, ())
+
+
+def test_auto_translation_is_for_networks_that_pool_globally(tiny_params) -> None:
+    params = tiny_params.train.model_copy(update={"crop_padding": "auto"})
+    assert plan_training(params, 1_000, image_size=64, model="convnet").crop_padding == 8
+    assert plan_training(params, 1_000, image_size=28, model="cnn").crop_padding == 0
 
 
 def test_selection_keeps_the_latest_epoch_within_a_standard_error_of_the_best() -> None:
     model = torch.nn.Linear(1, 1)
-    selection = Selection(patience=0, val_size=20)
+    selection = Selection(patience=0, val_size=10)
     for epoch, accuracy in enumerate([0.5, 0.95, 0.9, 0.8], start=1):
         selection.update(epoch, accuracy, loss=1.0, model=model)
-    # One standard error of 0.95 on 20 images is 0.049: 0.9 ties with it, 0.8 does not.
+    # One standard error of 0.95 on 10 images is 0.069: 0.9 ties with it, 0.8 does not.
     assert (selection.state["epoch"], selection.state["val_accuracy"]) == (3, 0.9)
     large = Selection(patience=0, val_size=100_000)
     for epoch, accuracy in enumerate([0.95, 0.9], start=1):
@@ -211,11 +219,17 @@ def test_patience_stops_after_epochs_without_better_accuracy_or_loss() -> None:
     selection.update(5, 0.55, 1.2, model)
     assert selection.should_stop()
     assert not Selection(patience=0, val_size=100).should_stop()
+    warming_up = Selection(patience=2, val_size=100, grace=5)
+    for epoch in range(1, 6):  # the warm-up makes validation worse by design: no reason to stop
+        warming_up.update(epoch, 0.5 - epoch / 100, 1 + epoch, model)
+    assert not warming_up.should_stop()
 
 
 def test_training_stops_early_and_reports_it(tiny_params, tmp_path: Path) -> None:
     # lr 0 learns nothing: validation never improves after epoch 1.
-    params = tiny_params.train.model_copy(update={"epochs": 10, "patience": 2, "lr": 1e-9, "ema": False})
+    params = tiny_params.train.model_copy(
+        update={"epochs": 10, "patience": 2, "lr": 1e-9, "ema": False, "schedule": "none"}
+    )
     result = train(
         params, CONFIG, make_split(200, 1), make_split(50, 2), torch.device("cpu"), tmp_path / "r.pt"
     )

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from image_classifier.datasets import (
     CIFAR_META,
@@ -91,6 +90,9 @@ def _read_idx(path: Path, kind: str) -> torch.Tensor:
     magic = int.from_bytes(header, "big")
     if magic != IDX_MAGIC[kind]:
         raise UserError(f"{path}: IDX magic number {magic} is wrong; expected {IDX_MAGIC[kind]} for {kind}")
+    # torchvision.datasets takes a second to import: only the stage that decodes IDX files pays for it.
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
     reader = read_image_file if kind == "images" else read_label_file
     try:
         return reader(str(path))

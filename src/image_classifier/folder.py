@@ -11,6 +11,8 @@ folder name can), DVC versions exactly the files and labels a model was trained 
 own file paths.
 """
 
+from __future__ import annotations
+
 import csv
 import os
 import shutil
@@ -19,14 +21,17 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from image_classifier.data import Split
 from image_classifier.errors import UserError
-from image_classifier.images import IMAGE_SUFFIXES, read_image
 
+if TYPE_CHECKING:  # fetch only copies files: it starts without torch and torchvision
+    import torch
+
+    from image_classifier.data import Split
+
+# What a folder data set counts as an image; anything else in the folder is skipped.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 MANIFEST = "labels.csv"
 IMAGES_DIR = "images"
 SPLITS = ("train", "test")
@@ -283,6 +288,8 @@ def decode_folder(
     """Decode every image fetch copied into `raw_dir` as uint8 `channels`×image_size×image_size; return the class
     names and the splits ("train", and "test" when the user gave one). `channels` "auto" is 1 when every image
     is grey, else 3. Unreadable images are named on stderr and left out."""
+    from image_classifier.images import read_image
+
     manifest = raw_dir / MANIFEST
     if not manifest.is_file():
         raise UserError(f"{manifest} is missing; run the fetch stage first (dvc repro fetch)")
@@ -313,6 +320,10 @@ def _stack(decoded: list[tuple[str, int, torch.Tensor]]) -> dict[str, Split]:
     """(split, label, image) triples as Splits. With channels "auto", `read_image` gave each grey image one
     channel and each colour image three: one colour image makes every image three channels (the grey value
     three times, as read_image would give it). Each image is still decoded only once."""
+    import torch
+
+    from image_classifier.data import Split
+
     channels = max(image.shape[0] for _, _, image in decoded)
     splits = {}
     for name in SPLITS:

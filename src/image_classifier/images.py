@@ -20,8 +20,6 @@ from image_classifier.errors import UserError
 
 # Refuse images that would decode to more than this many pixels (a decompression bomb exhausts memory).
 MAX_PIXELS = 40_000_000
-# What a folder data set counts as an image; anything else in the folder is skipped.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 # Formats torchvision's own decoders read, rotated by EXIF and with alpha. PIL decodes the rest: torchvision's
 # WebP decoder ignores EXIF rotation and its GIF decoder ignores transparency.
 _TORCHVISION_FORMATS = frozenset({"PNG", "JPEG", "MPO"})  # MPO: JPEG from cameras

@@ -1,5 +1,7 @@
 """Optimiser, learning-rate schedule, weight averaging (EMA) and class weights for the loss."""
 
+import math
+
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -19,13 +21,22 @@ def make_optimizer(params: TrainParams, model: nn.Module, lr: float) -> torch.op
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=params.weight_decay)
 
 
+# One-cycle spends this share of the steps warming up to the peak learning rate.
+ONECYCLE_WARMUP = 0.25
+
+
+def warmup_epochs(params: TrainParams, epochs: int) -> int:
+    """Epochs of the schedule's warm-up: validation gets worse there by design, so patience does not count."""
+    return math.ceil(ONECYCLE_WARMUP * epochs) if params.schedule == "onecycle" else 0
+
+
 def make_scheduler(
     params: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int, lr: float
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per batch. One-cycle warms up over the first quarter, then anneals linearly to ~0."""
     if params.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25, anneal_strategy="linear"
+            optimizer, max_lr=lr, total_steps=total_steps, pct_start=ONECYCLE_WARMUP, anneal_strategy="linear"
         )
     if params.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)

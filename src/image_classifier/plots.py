@@ -9,7 +9,6 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 
 import matplotlib.pyplot as plt
 import torch
-from torchvision.utils import make_grid
 
 from image_classifier.files import atomic_path
 
@@ -25,6 +24,8 @@ def save_image_grid(images: torch.Tensor, captions: Sequence[str], path: Path, t
 
     One mosaic in one axes: a subplot per image cost 1.9 s for 36 images, most of the preprocess stage.
     """
+    from torchvision.utils import make_grid  # torchvision costs a second to import; train draws no grid
+
     columns = min(6, max(1, len(images)))
     height, width = images.shape[-2:]
     gap = max(2, round(0.4 * height))  # room above each image for a two-line caption

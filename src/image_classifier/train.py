@@ -27,7 +27,7 @@ from image_classifier.distributed import max_across, rank_and_world, sum_across
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_path, save_tensors
 from image_classifier.models import build_model, predict_logits, to_float
-from image_classifier.optim import class_weights, make_ema, make_optimizer, make_scheduler
+from image_classifier.optim import class_weights, make_ema, make_optimizer, make_scheduler, warmup_epochs
 from image_classifier.params import TrainParams
 from image_classifier.plan import TrainingPlan, batch_starts, plan_training
 from image_classifier.plots import save_training_curves
@@ -84,11 +84,14 @@ class Selection:
     On a validation set of a few dozen images, accuracy moves in big steps and the highest score is often luck.
     So the kept epoch is the latest one whose accuracy is within one standard error of the best seen so far
     (on a plateau, the last epoch: its learning rate is lowest). Training stops after `patience` epochs in
-    which neither the best accuracy nor the lowest validation loss improved.
+    which neither the best accuracy nor the lowest validation loss improved; epochs up to `grace` (the
+    learning-rate warm-up) do not count.
     """
 
-    def __init__(self, patience: int, val_size: int, state: dict[str, Any] | None = None) -> None:
-        self.patience, self.val_size = patience, val_size
+    def __init__(
+        self, patience: int, val_size: int, grace: int = 0, state: dict[str, Any] | None = None
+    ) -> None:
+        self.patience, self.val_size, self.grace = patience, val_size, grace
         self.state = state or {
             "epoch": 0,
             "val_accuracy": -1.0,
@@ -104,7 +107,7 @@ class Selection:
             s.update(epoch=epoch, val_accuracy=math.nan, weights=_copy_state(model))
             return
         improved = accuracy > s["max_accuracy"] or loss < s["min_loss"]
-        s["stale_epochs"] = 0 if improved else s["stale_epochs"] + 1
+        s["stale_epochs"] = 0 if improved or epoch <= self.grace else s["stale_epochs"] + 1
         s["max_accuracy"], s["min_loss"] = max(s["max_accuracy"], accuracy), min(s["min_loss"], loss)
         best = s["max_accuracy"]
         if accuracy >= best - math.sqrt(best * (1 - best) / self.val_size):
@@ -172,7 +175,8 @@ def train(
         loss_weights = class_weights(train_split.labels, len(model_config["classes"])).to(device)
 
     history: list[dict[str, float]] = []
-    selection = Selection(params.patience, len(val_labels))
+    grace = warmup_epochs(params, plan.epochs)
+    selection = Selection(params.patience, len(val_labels), grace)
     first_epoch = 1
     checkpoint: dict[str, Any] = {}
     if checkpoint_path.is_file():
@@ -185,7 +189,7 @@ def train(
         generator.set_state(checkpoint["generator"].cpu())
         torch.set_rng_state(checkpoint["torch_rng"].cpu())
         history = checkpoint["history"]
-        selection = Selection(params.patience, len(val_labels), checkpoint["selection"])
+        selection = Selection(params.patience, len(val_labels), grace, checkpoint["selection"])
         if checkpoint.get("warm_start"):
             warm_start = WarmStartReport(**checkpoint["warm_start"])
         first_epoch = checkpoint["epoch"] + 1
