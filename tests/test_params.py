@@ -26,6 +26,7 @@ def test_repository_params_file_is_valid() -> None:
         ("train", "epochs", 0, "train.epochs = 0 is out of range"),
         ("train", "epochs", True, "train.epochs = True must be int"),
         ("train", "batch_size", "64", "train.batch_size = '64' must be int"),
+        ("train", "calibrate", "yes", "train.calibrate = 'yes' must be bool"),
         ("train", "model", "resnet", "train.model = 'resnet' is not allowed; use one of mlp, cnn"),
         ("train", "optimizer", "adam", "did you mean 'adamw'?"),
         ("train", "schedule", "cosin", "did you mean 'cosine'?"),

@@ -81,6 +81,7 @@ class TrainParams:
     crop_padding: int
     flip: bool
     test_time_flip: bool
+    calibrate: bool
     seed: int
     device: Literal["auto", "cpu", "cuda", "mps", "xpu"]
     precision: Literal["auto", "fp32", "bf16"]
