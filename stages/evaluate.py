@@ -1,4 +1,5 @@
-"""Stage 4: test-set metrics, the confusion matrix and misclassified examples, added to the training run."""
+"""Stage 4: test-set metrics, calibration, the confusion matrix, the reliability diagram and misclassified examples,
+added to the training run."""
 
 from image_classifier import params as params_module
 from image_classifier.errors import run_cli
@@ -20,6 +21,7 @@ def main() -> None:
         "predictions": paths.PREDICTIONS_CSV,
         "confusion": paths.CONFUSION_PNG,
         "misclassified": paths.MISCLASSIFIED_PNG,
+        "reliability": paths.RELIABILITY_PNG,
     }
     metrics = evaluate(
         model, test, config["classes"], params.evaluate.batch_size, params.evaluate.misclassified, outputs
@@ -34,11 +36,12 @@ def main() -> None:
         )
         tracking.log_results(
             flat_metrics(metrics, "test"),
-            [paths.EVAL_METRICS, paths.CONFUSION_PNG, paths.MISCLASSIFIED_PNG],
+            [paths.EVAL_METRICS, paths.CONFUSION_PNG, paths.MISCLASSIFIED_PNG, paths.RELIABILITY_PNG],
             folder="evaluate",
         )
     print(
-        f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}"
+        f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
+        f"ECE {metrics['ece']:.4f} (mean confidence {metrics['mean_confidence']:.4f}), Brier {metrics['brier']:.4f}"
     )
 
 

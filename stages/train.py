@@ -1,4 +1,5 @@
-"""Stage 3: train the model `train.model` names, log every epoch to MLflow, keep the best by validation accuracy."""
+"""Stage 3: train the model `train.model` names, log every epoch to MLflow, keep the best by validation accuracy,
+then fit its temperature on the validation split (train.calibrate)."""
 
 import dataclasses
 import functools
@@ -14,6 +15,7 @@ def main() -> None:
     # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
 
     from image_classifier import distributed, paths, tracking
+    from image_classifier.calibration import calibrated_state
     from image_classifier.data import Meta, load_split
     from image_classifier.device import describe, pick_device, set_threads
     from image_classifier.export import save_model
@@ -93,9 +95,15 @@ def main() -> None:
             )
             if result.warm_start:
                 tracking.log_warm_start(result.warm_start.as_dict(), init_what)
-            save_model(paths.MODEL_FILE, model_config, result.best_state)
+            # Fitted after training, with the best weights: training itself always runs at temperature 1.
+            state, calibration = calibrated_state(
+                model_config, result.best_state, val_split, params.train.calibrate
+            )
+            save_model(paths.MODEL_FILE, model_config, state)
             save_tensors(result.final_checkpoint, paths.CHECKPOINT_FILE)
-            metrics = write_reports(result, paths.TRAIN_HISTORY, paths.TRAIN_METRICS, paths.TRAIN_CURVES_PNG)
+            metrics = write_reports(
+                result, paths.TRAIN_HISTORY, paths.TRAIN_METRICS, paths.TRAIN_CURVES_PNG, calibration
+            )
             tracking.log_results(
                 metrics,
                 [paths.TRAIN_CURVES_PNG, paths.TRAIN_HISTORY, paths.TRAIN_METRICS, params_module.PARAMS_FILE],

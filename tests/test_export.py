@@ -1,5 +1,6 @@
 """Evaluate's metrics, the export formats, and `predict` on image files."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def saved_model(tmp_path: Path) -> Path:
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
+    model.set_temperature(0.5)  # a calibrated model: every export must carry the temperature
     path = tmp_path / "model.pt"
     save_model(path, CONFIG, model.state_dict())
     return path
@@ -50,6 +52,7 @@ def saved_model(tmp_path: Path) -> Path:
 
 def test_onnx_and_torch_export_match_pytorch(saved_model: Path, tmp_path: Path) -> None:
     model, config = load_model(saved_model)
+    assert model.temperature.item() == 0.5  # so parity below also checks that the exports divide by it
     example = example_input(config)
     export_onnx(model, example, tmp_path / "model.onnx", opset=18)
     parity = onnx_parity(tmp_path / "model.onnx", model, make_split(37, 3).images, batch_size=16)
@@ -80,6 +83,30 @@ def test_predict_classifies_png_files(saved_model: Path, tmp_path: Path, capsys)
     expected = CLASSES[int(model(loaded[None].float() / 255).argmax())]
     predict_main([str(tmp_path / "big.png"), "--model", str(saved_model)])
     assert f'Predicted: "{expected}" (' in capsys.readouterr().out
+
+
+def test_predict_top_prints_k_classes_sorted_by_calibrated_probability(
+    saved_model: Path, tmp_path: Path, capsys
+) -> None:
+    model, _ = load_model(saved_model)
+    image = make_split(10, 4).images[3]
+    Image.fromarray(image[0].numpy()).save(tmp_path / "shoe.png")
+    probabilities = model(image[None].float() / 255).softmax(dim=1)[0]  # eval mode: divided by temperature
+    predict_main([str(tmp_path / "shoe.png"), "--model", str(saved_model), "--top", "3"])
+    heading, *lines = capsys.readouterr().out.splitlines()
+    assert heading == f"{tmp_path / 'shoe.png'}: top 3 of 10 classes"
+    assert len(lines) == 3
+    shown = [re.fullmatch(r'  (\d)\. "(\w+)" \(([\d.]+)%\)', line).groups() for line in lines]
+    assert [rank for rank, _, _ in shown] == ["1", "2", "3"]
+    percents = [float(percent) for _, _, percent in shown]
+    assert percents == sorted(percents, reverse=True)
+    expected = probabilities.topk(3)
+    assert [name for _, name, _ in shown] == [CLASSES[i] for i in expected.indices]
+    assert percents == [round(100 * p, 1) for p in expected.values.tolist()]
+
+    predict_main([str(tmp_path / "shoe.png"), "--model", str(saved_model)])  # the default stays one line
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.endswith(f'Predicted: "{shown[0][1]}" ({shown[0][2]}%)')
 
 
 @pytest.mark.parametrize(

@@ -139,12 +139,16 @@ def test_one_run_holds_params_epoch_history_test_metrics_and_parity(pipeline: Pi
         safe = "".join(ch if ch.isalnum() else "_" for ch in name)
         assert metrics[f"test_recall_{safe}"] == pytest.approx(values["recall"]), name
     assert "test_recall_Ankle_boot" in metrics
+    for key in ("ece", "nll", "brier", "mean_confidence"):
+        assert metrics[f"test_{key}"] == pytest.approx(test[key]), key
     export = json.loads((repo / "reports/export/metrics.json").read_text())
     assert export["onnx_checked_images"] == 10000
     for key, value in export.items():
         assert metrics[key] == pytest.approx(value), key
     train = json.loads((repo / "reports/train/metrics.json").read_text())
     assert metrics["best_val_accuracy"] == pytest.approx(train["best_val_accuracy"])
+    for key in ("temperature", "val_ece_before", "val_ece_after", "val_nll_before", "val_nll_after"):
+        assert metrics[f"calibration.{key}"] == pytest.approx(train[f"calibration.{key}"]), key
 
 
 def test_run_is_traceable_to_commit_data_device_and_command(pipeline: Pipeline) -> None:
@@ -190,6 +194,7 @@ def test_run_has_every_report_file_and_the_onnx_model(pipeline: Pipeline) -> Non
         "train/params.yaml",
         "evaluate/confusion.png",
         "evaluate/misclassified.png",
+        "evaluate/reliability.png",
         "evaluate/metrics.json",
         "export/model.onnx",
         "export/config.json",

@@ -44,6 +44,7 @@ def refusal(raw: object) -> str:
         ("train", "target_steps", 0, "train.target_steps = 0 is out of range; allowed: an integer >= 1"),
         ("train", "patience", -1, "train.patience = -1 is out of range; allowed: 0 (off)"),
         ("train", "ema", "yes", "train.ema = 'yes' must be bool, not str"),
+        ("train", "calibrate", "yes", "train.calibrate = 'yes' must be bool, not str"),
         ("train", "ema_decay", 1, "train.ema_decay = 1 is out of range; allowed: a number in [0, 1)"),
         ("train", "class_weights", "balance", "use one of none, balanced (did you mean 'balanced'?)"),
         (

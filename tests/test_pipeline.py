@@ -61,14 +61,19 @@ def test_every_output_is_written(repo: Path) -> None:
         "reports/train/curves.png",
         "reports/evaluate/confusion.png",
         "reports/evaluate/misclassified.png",
+        "reports/evaluate/reliability.png",
     ):
         assert (repo / png).read_bytes()[:4] == b"\x89PNG", png
     history = list(csv.DictReader((repo / "reports/train/history.csv").open()))
     assert [row["epoch"] for row in history] == ["1"]
     train_metrics = json.loads((repo / "reports/train/metrics.json").read_text())
     assert 0.5 < train_metrics["best_val_accuracy"] <= 1
+    # Calibrated on the validation split after training: the fit can only lower its NLL.
+    assert train_metrics["calibration.val_nll_after"] <= train_metrics["calibration.val_nll_before"]
     test_metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert 0.5 < test_metrics["accuracy"] <= 1 and 0 < test_metrics["macro_f1"] <= 1
+    assert 0 <= test_metrics["ece"] < 0.1 and 0 < test_metrics["brier"] < 1
+    assert test_metrics["nll"] == pytest.approx(test_metrics["loss"], rel=1e-5)
     assert set(test_metrics["per_class"]) == set(meta["classes"])
     assert len(list(csv.DictReader((repo / "reports/evaluate/predictions.csv").open()))) == 10000
     export = json.loads((repo / "reports/export/metrics.json").read_text())
@@ -77,6 +82,7 @@ def test_every_output_is_written(repo: Path) -> None:
     assert export["onnx_prediction_agreement"] == 1.0
     weights = torch.load(repo / "models/export/weights.pt", weights_only=True)
     assert "network.head.weight" in weights
+    assert weights["temperature"].item() == pytest.approx(train_metrics["calibration.temperature"])
     for name in ("model.onnx", "model.pt2", "config.json"):
         assert (repo / "models/export" / name).stat().st_size > 0
     assert not list((repo / "data/resume").glob("*.pt")), "scratch checkpoint removed after training"
@@ -93,6 +99,9 @@ def test_predict_classifies_a_png_of_a_test_image(repo: Path) -> None:
     output = run(["predict", "test-image.png", "--index", str(index)], cwd=repo).stdout.splitlines()
     assert output[0].startswith(f'test-image.png: Predicted: "{rows[index]["actual"]}" (')
     assert output[1].endswith(f'Actual: "{rows[index]["actual"]}"')
+    top = run(["predict", "--top", "3", "--index", str(index)], cwd=repo).stdout.splitlines()
+    assert top[0] == f'test[{index}]: top 3 of 10 classes, Actual: "{rows[index]["actual"]}"'
+    assert top[1].startswith(f'  1. "{rows[index]["actual"]}" (') and len(top) == 4
 
 
 def test_second_repro_runs_nothing(repo: Path) -> None:

@@ -1,4 +1,5 @@
-"""Test-set metrics: accuracy, loss, macro F1, per-class precision and recall, and the confusion matrix."""
+"""Test-set metrics: accuracy, loss, macro F1, per-class precision and recall, the confusion matrix, and how
+well the model's confidence matches its accuracy (ECE, NLL, Brier score, a reliability diagram)."""
 
 import csv
 import json
@@ -8,10 +9,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from image_classifier.calibration import calibration_metrics, reliability_bins
 from image_classifier.data import Split
 from image_classifier.files import atomic_path
 from image_classifier.models import predict_logits
-from image_classifier.plots import save_confusion_matrix, save_image_grid
+from image_classifier.plots import save_confusion_matrix, save_image_grid, save_reliability_diagram
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -31,6 +33,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         "accuracy": (predictions == labels).double().mean().item(),
         "loss": F.cross_entropy(logits, labels).item(),
         "macro_f1": f1.mean().item(),
+        # ece, nll (the loss above, under the name calibration papers use), brier, mean_confidence
+        **calibration_metrics(logits, labels),
         "per_class": {
             name: {"precision": precision[i].item(), "recall": recall[i].item(), "f1": f1[i].item()}
             for i, name in enumerate(classes)
@@ -67,8 +71,8 @@ def evaluate(
     misclassified: int,
     outputs: dict[str, Path],
 ) -> dict[str, Any]:
-    """Score `model` on `test` and write `outputs`: metrics (JSON), predictions (CSV), confusion and
-    misclassified (PNG). Returns the metrics."""
+    """Score `model` on `test` and write `outputs`: metrics (JSON), predictions (CSV), confusion,
+    misclassified and reliability (PNG). Returns the metrics."""
     logits = predict_logits(model, test.images, batch_size)
     predictions = logits.argmax(dim=1)
     metrics = classification_metrics(logits, test.labels, classes)
@@ -77,6 +81,8 @@ def evaluate(
     write_predictions(test.labels, predictions, classes, outputs["predictions"])
     matrix = confusion_matrix(test.labels, predictions, len(classes))
     save_confusion_matrix(matrix, classes, outputs["confusion"])
+    bins = reliability_bins(logits.softmax(dim=1), test.labels)
+    save_reliability_diagram(bins, metrics["ece"], outputs["reliability"])
     wrong = torch.nonzero(predictions != test.labels).flatten()[:misclassified]
     captions = [f"{classes[test.labels[i]]}\n→ {classes[predictions[i]]}" for i in wrong]
     save_image_grid(

@@ -115,7 +115,13 @@ class ImageClassifier(nn.Module):
 
     With `test_time_flip`, inference (eval mode) averages the logits of each image and its mirror image, as
     airbench does: a model trained with flips sees both views, and the average is more accurate than either.
-    It is part of forward, so evaluate, ONNX, torch.export, MLflow and predict all give the same answer.
+
+    Inference also divides the logits by `temperature` (a buffer, so it travels in the state dict), fitted after
+    training so that softmax gives calibrated probabilities (calibration.py). Training always sees the raw
+    logits: the temperature is 1 while training and, were a calibrated model trained further, its loss and
+    gradients must not depend on a number fitted for another set of weights.
+
+    Both are part of forward, so evaluate, ONNX, torch.export, MLflow and predict all give the same answer.
     """
 
     def __init__(
@@ -126,12 +132,28 @@ class ImageClassifier(nn.Module):
         self.test_time_flip = test_time_flip
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         normalised = (images - self.mean) / self.std
-        if self.test_time_flip and not self.training:
-            return (self.network(normalised) + self.network(normalised.flip(3))) / 2
-        return self.network(normalised)
+        if self.training:
+            return self.network(normalised)
+        logits = self.network(normalised)
+        if self.test_time_flip:
+            logits = (logits + self.network(normalised.flip(3))) / 2
+        return logits / self.temperature
+
+    def set_temperature(self, value: float) -> None:
+        with torch.no_grad():
+            self.temperature.fill_(value)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Model files saved before calibration existed have no temperature: they load as they were, at 1.
+        # load_state_dict works on a copy of the caller's dict, so adding the key here changes nothing of theirs.
+        state_dict.setdefault(prefix + "temperature", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def build_model(config: dict[str, Any]) -> ImageClassifier:

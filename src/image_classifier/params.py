@@ -107,6 +107,7 @@ class TrainParams(_Section):
     crop_padding: Annotated[int, Field(ge=0, le=64)] | Auto = Field(description="0 to 64 pixels or 'auto'")
     flip: bool
     test_time_flip: bool
+    calibrate: bool
     ema: bool
     ema_decay: Number = Field(ge=0, lt=1, description="a number in [0, 1)")
     seed: int

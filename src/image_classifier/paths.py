@@ -24,6 +24,7 @@ EVAL_METRICS = Path("reports/evaluate/metrics.json")
 PREDICTIONS_CSV = Path("reports/evaluate/predictions.csv")
 CONFUSION_PNG = Path("reports/evaluate/confusion.png")
 MISCLASSIFIED_PNG = Path("reports/evaluate/misclassified.png")
+RELIABILITY_PNG = Path("reports/evaluate/reliability.png")
 
 EXPORT_DIR = Path("models/export")
 WEIGHTS_FILE = EXPORT_DIR / "weights.pt"

@@ -1,7 +1,9 @@
-"""PNG figures a person looks at: sample grids, the confusion matrix and the training curves."""
+"""PNG figures a person looks at: sample grids, the confusion matrix, the training curves and the reliability
+diagram."""
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,6 +13,9 @@ import matplotlib.pyplot as plt
 import torch
 
 from image_classifier.files import atomic_path
+
+if TYPE_CHECKING:  # plots.py is a dependency of stages that never calibrate: no runtime import
+    from image_classifier.calibration import ReliabilityBins
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
@@ -79,4 +84,28 @@ def save_training_curves(history: Sequence[dict[str, float]], path: Path) -> Non
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
         axis.legend()
+    _save(figure, path)
+
+
+def save_reliability_diagram(bins: "ReliabilityBins", ece: float, path: Path) -> None:
+    """Accuracy against confidence per confidence bin, each bar labelled with its image count, and the diagonal
+    a calibrated model sits on. The hatched red part of a bar is its gap to the bin's mean confidence: above the
+    blue, over-confident; over it, under-confident."""
+    filled = bins.count > 0  # empty bins have no accuracy to draw
+    left, width = bins.edges[:-1][filled].numpy(), float(bins.edges[1] - bins.edges[0])
+    accuracy, confidence = bins.accuracy[filled].numpy(), bins.confidence[filled].numpy()
+    figure, axis = plt.subplots(figsize=(5.5, 5.5))
+    bar = {"width": width, "align": "edge"}
+    axis.bar(left, accuracy, color="tab:blue", edgecolor="black", label="accuracy", **bar)
+    # Hatched, not filled: an under-confident bin's gap lies over its accuracy bar and must stay readable.
+    gap = {"fill": False, "hatch": "///", "edgecolor": "tab:red", "label": "gap to mean confidence"}
+    axis.bar(left, confidence - accuracy, bottom=accuracy, **gap, **bar)
+    axis.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+    # Counts in a row above the plot, where no bar or the diagonal can hide them.
+    for x, count in zip(left, bins.count[filled].tolist(), strict=True):
+        axis.text(x + width / 2, 1.02, str(count), ha="center", va="bottom", fontsize=7, rotation=90)
+    axis.set(xlim=(0, 1), ylim=(0, 1.14), xlabel="confidence (top-1 probability)", ylabel="accuracy")
+    axis.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    axis.set_title(f"Reliability (test set): ECE {ece:.4f}; numbers: images per bin", fontsize=10)
+    axis.legend(loc="lower right", fontsize=8)
     _save(figure, path)

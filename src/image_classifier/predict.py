@@ -2,6 +2,7 @@
 
 predict photo.png shoe.jpg            # any size or colour: converted to the model's input
 predict --index 0 1 2                 # test-set images, with their actual class
+predict --top 3 --index 0             # the three likeliest classes, one line each
 predict --model models/model.pt ...   # another model file
 """
 
@@ -28,12 +29,37 @@ def describe(probabilities: torch.Tensor, classes: list[str], actual: int | None
     return line + (f', Actual: "{classes[actual]}"' if actual is not None else "")
 
 
+def describe_top(probabilities: torch.Tensor, classes: list[str], actual: int | None, k: int) -> list[str]:
+    """A heading (how many classes, the actual one if known), then the `k` likeliest classes, likeliest first."""
+    values, indices = probabilities.topk(min(k, len(classes)))
+    heading = f"top {len(values)} of {len(classes)} classes"
+    heading += f', Actual: "{classes[actual]}"' if actual is not None else ""
+    ranked = [
+        f'  {rank}. "{classes[int(i)]}" ({100 * v.item():.1f}%)'
+        for rank, (v, i) in enumerate(zip(values, indices, strict=True), start=1)
+    ]
+    return [heading, *ranked]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count of classes (1 or more)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="predict", description="Classify image files or test-set images.")
     parser.add_argument("images", nargs="*", type=Path, help="PNG/JPEG/... files to classify")
     parser.add_argument("--index", nargs="+", type=int, default=[], help="test-set image indices")
     parser.add_argument(
         "--model", type=Path, default=paths.MODEL_FILE, help="model file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--top",
+        type=positive_int,
+        metavar="K",
+        help="print the K likeliest classes of each image, one per line",
     )
     args = parser.parse_args(argv)
     if not args.images and not args.index:
@@ -58,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         probabilities = model(torch.stack(inputs).float() / 255).softmax(dim=1)
     for name, row, actual in zip(names, probabilities, actuals, strict=True):
-        print(f"{name}: {describe(row, config['classes'], actual)}")
+        if args.top:
+            heading, *ranked = describe_top(row, config["classes"], actual, args.top)
+            print("\n".join([f"{name}: {heading}", *ranked]))
+        else:
+            print(f"{name}: {describe(row, config['classes'], actual)}")
 
 
 def cli() -> None:

@@ -284,7 +284,10 @@ def _pip_requirements() -> list[str]:
 def _model_metadata(config: dict[str, Any]) -> dict[str, Any]:
     metadata = {key: config[key] for key in ("dataset", "classes", "image_shape") if key in config}
     if "classes" in metadata:
-        metadata["outputs"] = "logits, one per class in the order of `classes`; inputs are float32 in 0..1"
+        metadata["outputs"] = (
+            "logits, one per class in the order of `classes`, temperature-scaled: their softmax gives calibrated "
+            "probabilities; inputs are float32 in 0..1"
+        )
     return metadata
 
 

@@ -57,9 +57,14 @@ def resume_path(folder: Path, flat_params: dict[str, Any], data_files: list[Path
 
 
 def write_reports(
-    result: TrainResult, history_csv: Path, metrics_json: Path, curves_png: Path
+    result: TrainResult,
+    history_csv: Path,
+    metrics_json: Path,
+    curves_png: Path,
+    extra: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """The per-epoch history (a DVC plots file), the summary metrics (a DVC metrics file) and a curves PNG."""
+    """The per-epoch history (a DVC plots file), the summary metrics (a DVC metrics file, with `extra` such as
+    the calibration's) and a curves PNG."""
     columns = list(result.history[0])
     rows = [",".join(columns)] + [",".join(f"{row[c]:.6g}" for c in columns) for row in result.history]
     with atomic_path(history_csv) as temp:
@@ -71,6 +76,7 @@ def write_reports(
         "final_train_loss": result.history[-1]["train_loss"],
         "train_seconds": sum(row["epoch_seconds"] for row in result.history),
         "compile_seconds": result.compile_seconds,
+        **(extra or {}),
     }
     with atomic_path(metrics_json) as temp:
         temp.write_text(json.dumps(metrics, indent=2) + "\n")

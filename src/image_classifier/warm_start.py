@@ -17,8 +17,9 @@ from image_classifier.errors import UserError, load_failure
 from image_classifier.models import ImageClassifier, build_model
 from image_classifier.params import TrackingParams
 
-# The input normalisation belongs to the data set being trained on (its meta.json), never to the earlier one.
-NORMALISATION_KEYS = ("mean", "std")
+# The input normalisation belongs to the data set being trained on (its meta.json), never to the earlier one;
+# the temperature belongs to the earlier weights (fitted after their training) and is fitted again after this one.
+FRESH_KEYS = ("mean", "std", "temperature")
 # DVC deletes a stage's outputs before running it: these would be gone, or be the run's own result.
 TRAIN_OUTPUTS = (paths.MODEL_FILE, paths.CHECKPOINT_FILE)
 
@@ -48,6 +49,7 @@ class WarmStartReport:
             if getattr(self, name):
                 lines.append(f"  {label}: {', '.join(getattr(self, name))}")
         lines.append("  normalisation (mean, std): from this data set's meta.json, not from the file")
+        lines.append("  temperature: 1 while training, not the file's (calibrated again afterwards)")
         return lines
 
     def as_dict(self) -> dict[str, Any]:
@@ -128,13 +130,13 @@ def load_initial_weights(
     fresh = build_model(config).state_dict()
     matched, skipped = [], []
     for key, tensor in loaded.items():
-        if key in fresh and key not in NORMALISATION_KEYS:
+        if key in fresh and key not in FRESH_KEYS:
             if tensor.shape == fresh[key].shape:
                 matched.append(key)
             else:
                 skipped.append(f"{key} (file {_shape(tensor)}, model {_shape(fresh[key])})")
     unexpected = [key for key in loaded if key not in fresh]
-    missing = [key for key in fresh if key not in loaded and key not in NORMALISATION_KEYS]
+    missing = [key for key in fresh if key not in loaded and key not in FRESH_KEYS]
     if not any(loaded[key].is_floating_point() for key in matched):
         raise UserError(
             f"train.init_from: no weights in {path} match this model ({len(loaded)} tensors in the file, "
