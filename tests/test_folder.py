@@ -367,7 +367,7 @@ def test_a_grey_image_is_the_same_whatever_channels_the_model_takes(tmp_path: Pa
 
 
 def test_image_size_auto_is_the_small_models_size() -> None:
-    assert resolve_image_size("auto", "cnn") == 32 and resolve_image_size("auto", "mlp") == 32
+    assert resolve_image_size("auto", "convnet") == 64 and resolve_image_size("auto", "mlp") == 64
     assert resolve_image_size(48, "cnn") == 48
 
 
@@ -387,10 +387,10 @@ def test_preprocess_stage_resolves_auto_and_says_what_it_chose(tmp_path: Path, m
 
     summary, counts = capsys.readouterr().out.strip().splitlines()[-2:]
     assert (
-        "images of 1×32×32 (data.image_size auto: 32; data.channels auto: 1, every image is grey)" in summary
+        "images of 1×64×64 (data.image_size auto: 64; data.channels auto: 1, every image is grey)" in summary
     )
     assert counts == "training images per class: circle 7, square 7, triangle 7"
-    assert json.loads((tmp_path / "data/processed/meta.json").read_text())["image_shape"] == [1, 32, 32]
+    assert json.loads((tmp_path / "data/processed/meta.json").read_text())["image_shape"] == [1, 64, 64]
 
 
 # --- Refusals --------------------------------------------------------------------------------------------------

@@ -261,12 +261,14 @@ def sort_classes(labels: set[str]) -> list[str]:
         return sorted(labels)
 
 
-# The size the small CNN and the MLP are designed for (three halvings leave 4×4).
-DEFAULT_IMAGE_SIZE = 32
+# A folder's images become 64×64: on a 180-image folder of shapes the convnet reached 0.998 test accuracy at
+# 64 pixels against 0.96 at 32 (README, "What the defaults do"), at about the training time of 32 pixels with
+# twice the width.
+DEFAULT_IMAGE_SIZE = 64
 
 
 def resolve_image_size(image_size: int | Literal["auto"], model: str) -> int:
-    """`data.image_size` in pixels: "auto" is the size `model` was built for, 32 for every model so far. Once it
+    """`data.image_size` in pixels: "auto" is the size `model` was built for, 64 for every model so far. Once it
     depends on `model` (a pretrained model's own size), preprocess in dvc.yaml must list train.model."""
     return DEFAULT_IMAGE_SIZE if image_size == "auto" else image_size
 

@@ -74,7 +74,8 @@ class ConvNet(nn.Module):
 
     Global pooling makes the answer the same wherever the object sits in the frame, which photos need and
     SmallCNN's grid head does not give; the full-resolution first convolution sees edges a 2x2 patchify stem
-    would blur. On a 180-image folder of shapes at random places it took test accuracy from 0.67 to 0.94.
+    would blur. On a 180-image folder of shapes at random places it took test accuracy from 0.67 to 0.94 at
+    32 pixels (to 0.998 at 64).
     """
 
     def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32) -> None:
@@ -100,7 +101,7 @@ CENTRED_DATASETS = frozenset({"fashion-mnist", "mnist", "kmnist"})
 
 
 # `train.width: auto`: the width each network was tuned at (cnn on Fashion-MNIST, convnet on small folders).
-DEFAULT_WIDTHS = {"cnn": 20, "convnet": 32, "mlp": 0}
+DEFAULT_WIDTHS = {"cnn": 20, "convnet": 16, "mlp": 0}
 
 
 def resolve_model(model: str, width: int | str, dataset: str) -> tuple[str, int]:
