@@ -3,15 +3,17 @@
 import json
 
 from image_classifier import params as params_module
-from image_classifier import paths, tracking
-from image_classifier.data import load_split
 from image_classifier.errors import UserError, run_cli
-from image_classifier.export import example_input, export_onnx, export_program, load_model, onnx_parity
-from image_classifier.files import atomic_path, save_tensors
 
 
 def main() -> None:
     params = params_module.load()
+    # Heavy imports (torch, MLflow, ONNX) only once params are valid: a typo fails in a fraction of a second.
+    from image_classifier import paths, tracking
+    from image_classifier.data import load_split
+    from image_classifier.export import example_input, export_onnx, export_program, load_model, onnx_parity
+    from image_classifier.files import atomic_path, save_tensors
+
     tracking.connect(params.tracking)
     model, config = load_model(paths.MODEL_FILE)
     example = example_input(config)
@@ -21,9 +23,8 @@ def main() -> None:
         temp.write_text(json.dumps(config, indent=2) + "\n")
     export_onnx(model, example, paths.ONNX_FILE, params.export.opset)
     export_program(model, example, paths.PT2_FILE)
-    parity = onnx_parity(
-        paths.ONNX_FILE, model, load_split(paths.SPLIT_FILES["test"]).images, batch_size=1000
-    )
+    test = load_split(paths.SPLIT_FILES["test"])
+    parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)
     if parity["onnx_max_abs_logit_diff"] > params.export.max_logit_diff:
         raise UserError(
             f"ONNX logits differ from PyTorch by {parity['onnx_max_abs_logit_diff']:.2e}, more than "

@@ -24,7 +24,7 @@ from image_classifier.calibration import (
 from image_classifier.data import Split
 from image_classifier.evaluate import evaluate
 from image_classifier.export import load_model, save_model
-from image_classifier.models import ImageClassifier, build_model
+from image_classifier.models import ImageClassifier, build_model, predict_logits
 from image_classifier.warm_start import load_initial_weights
 
 # Four images, two classes. Top-1 confidences 0.9 (right), 0.92 (wrong): both in bin 13 of 15, (13/15, 14/15];
@@ -211,12 +211,23 @@ def test_the_train_step_fits_the_temperature_on_validation(trained, tmp_path: Pa
             "calibration skipped: the validation split is empty (preprocess.val_size: 0); temperature 1",
         ),
         (100, False, "calibration off (train.calibrate: false): temperature 1"),
+        (
+            3,  # three images the model gets right: NLL falls without end as T shrinks
+            True,
+            "calibration skipped: the model gets all 3 validation images right, so there is no mistake to fit it "
+            "on; temperature 1",
+        ),
     ],
 )
 def test_no_calibration_keeps_temperature_one(
     trained, capsys, val_size: int, enabled: bool, line: str
 ) -> None:
     val = make_split(val_size, 2)
+    if val_size == 3:
+        model = build_model(TINY_MODEL_CONFIG)
+        model.load_state_dict(trained)
+        right = predict_logits(model, make_split(100, 2).images, 100).argmax(1) == make_split(100, 2).labels
+        val = make_split(100, 2).subset(torch.nonzero(right).flatten()[:3])
     state, metrics = calibrated_state(TINY_MODEL_CONFIG, trained, val, enabled)
     assert state["temperature"].item() == 1.0
     assert metrics == {"calibration.temperature": 1.0}

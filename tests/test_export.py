@@ -9,6 +9,7 @@ from conftest import CLASSES
 from PIL import Image
 from test_train import CONFIG, make_split
 
+from image_classifier.calibration import expected_calibration_error
 from image_classifier.errors import UserError
 from image_classifier.evaluate import classification_metrics, confusion_matrix, flat_metrics
 from image_classifier.export import (
@@ -19,7 +20,7 @@ from image_classifier.export import (
     onnx_parity,
     save_model,
 )
-from image_classifier.models import build_model
+from image_classifier.models import build_model, predict_logits
 from image_classifier.predict import load_image
 from image_classifier.predict import main as predict_main
 
@@ -55,10 +56,15 @@ def test_onnx_and_torch_export_match_pytorch(saved_model: Path, tmp_path: Path) 
     assert model.temperature.item() == 0.5  # so parity below also checks that the exports divide by it
     example = example_input(config)
     export_onnx(model, example, tmp_path / "model.onnx", opset=18)
-    parity = onnx_parity(tmp_path / "model.onnx", model, make_split(37, 3).images, batch_size=16)
+    split = make_split(37, 3)
+    parity = onnx_parity(tmp_path / "model.onnx", model, split.images, batch_size=16, labels=split.labels)
     assert parity["onnx_max_abs_logit_diff"] <= 1e-4
     assert parity["onnx_prediction_agreement"] == 1.0
     assert parity["onnx_checked_images"] == 37
+    probabilities = predict_logits(model, split.images, 16).softmax(dim=1)
+    assert parity["onnx_test_ece"] == pytest.approx(
+        expected_calibration_error(probabilities, split.labels), abs=1e-4
+    )
 
     export_program(model, example, tmp_path / "model.pt2")
     program = torch.export.load(tmp_path / "model.pt2")

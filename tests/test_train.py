@@ -208,6 +208,10 @@ def test_selection_keeps_the_latest_epoch_within_a_standard_error_of_the_best() 
     for epoch, accuracy in enumerate([0.95, 0.9], start=1):
         large.update(epoch, accuracy, loss=1.0, model=model)
     assert large.state["epoch"] == 1  # on a large set 0.9 is really worse
+    perfect = Selection(patience=0, val_size=14)
+    for epoch, accuracy in enumerate([1.0, 13 / 14, 12 / 14], start=1):
+        perfect.update(epoch, accuracy, loss=1.0, model=model)
+    assert perfect.state["epoch"] == 2  # one image below a perfect score is still a tie
 
 
 def test_patience_stops_after_epochs_without_better_accuracy_or_loss() -> None:

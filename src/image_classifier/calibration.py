@@ -124,14 +124,18 @@ class Calibration:
         )
 
 
-def calibrate(model: ImageClassifier, val: Split, batch_size: int = 1000) -> Calibration | None:
-    """Fit `model`'s temperature on `val` (uint8 images on the model's device) and set it, in place.
-    None, and temperature 1, when `val` is empty."""
+def calibrate(model: ImageClassifier, val: Split, batch_size: int = 1000) -> Calibration | str:
+    """Fit `model`'s temperature on `val` (uint8 images on the model's device) and set it, in place. Or, with
+    temperature 1, the reason it cannot be fitted: `val` is empty, or the model gets every image of it right."""
     model.set_temperature(1.0)  # fit on the raw logits, whatever the model held before
     if len(val) == 0:
-        return None
+        return "the validation split is empty (preprocess.val_size: 0)"
     # float32 without autocast, as evaluate scores the model: the temperature fits the logits that get used.
     logits = predict_logits(model, val.images, batch_size)
+    if bool((logits.argmax(dim=1) == val.labels).all()):
+        # Without a single mistake, sharper is always likelier: the fit would drive T to its lower bound and
+        # make every answer ~100% sure (seen on a 14-image validation split of a 180-photo folder).
+        return f"the model gets all {len(val)} validation images right, so there is no mistake to fit it on"
     temperature = fit_temperature(logits, val.labels)
     model.set_temperature(temperature)
     return Calibration(
@@ -155,8 +159,8 @@ def calibrated_state(
         print("calibration off (train.calibrate: false): temperature 1")
         return model.state_dict(), {"calibration.temperature": 1.0}
     found = calibrate(model, val)
-    if found is None:
-        print("calibration skipped: the validation split is empty (preprocess.val_size: 0); temperature 1")
+    if isinstance(found, str):
+        print(f"calibration skipped: {found}; temperature 1")
         return model.state_dict(), {"calibration.temperature": 1.0}
     print(found.line())
     return model.state_dict(), found.metrics()

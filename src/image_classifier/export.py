@@ -61,9 +61,14 @@ def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
 
 
 def onnx_parity(
-    onnx_path: Path, model: torch.nn.Module, images: torch.Tensor, batch_size: int
+    onnx_path: Path,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Run ONNX Runtime and PyTorch over the same uint8 images; largest logit gap and prediction agreement."""
+    """Run ONNX Runtime and PyTorch over the same uint8 images; largest logit gap and prediction agreement, and
+    with `labels` the calibration error of the ONNX model's own probabilities (what a deployment serves)."""
     import onnxruntime  # only export needs it: `predict` starts faster without
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -74,8 +79,14 @@ def onnx_parity(
             for start in range(0, len(images), batch_size)
         ]
     )
-    return {
+    parity = {
         "onnx_max_abs_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
         "onnx_prediction_agreement": float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean()),
         "onnx_checked_images": len(images),
     }
+    if labels is not None:
+        from image_classifier.calibration import expected_calibration_error
+
+        probabilities = torch.from_numpy(onnx_logits).softmax(dim=1)
+        parity["onnx_test_ece"] = expected_calibration_error(probabilities, labels)
+    return parity

@@ -88,8 +88,8 @@ class Selection:
     """Which epoch's weights training keeps, and when it stops early.
 
     On a validation set of a few dozen images, accuracy moves in big steps and the highest score is often luck.
-    So the kept epoch is the latest one whose accuracy is within one standard error of the best seen so far
-    (on a plateau, the last epoch: its learning rate is lowest). Training stops after `patience` epochs in
+    So the kept epoch is the latest one whose accuracy is within one standard error (and at least one image) of
+    the best seen so far (on a plateau, the last epoch: its learning rate is lowest). Training stops after `patience` epochs in
     which neither the best accuracy nor the lowest validation loss improved; epochs up to `grace` (the
     learning-rate warm-up) do not count.
     """
@@ -116,7 +116,9 @@ class Selection:
         s["stale_epochs"] = 0 if improved or epoch <= self.grace else s["stale_epochs"] + 1
         s["max_accuracy"], s["min_loss"] = max(s["max_accuracy"], accuracy), min(s["min_loss"], loss)
         best = s["max_accuracy"]
-        if accuracy >= best - math.sqrt(best * (1 - best) / self.val_size):
+        # At least one image of slack: at 100% the standard error is 0, and 13 of 14 is no real difference.
+        slack = max(math.sqrt(best * (1 - best) / self.val_size), 1 / self.val_size)
+        if accuracy >= best - slack - 1e-9:
             s.update(epoch=epoch, val_accuracy=accuracy, weights=_copy_state(model))
 
     def should_stop(self) -> bool:
