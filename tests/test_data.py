@@ -12,6 +12,7 @@ from image_classifier.data import (
     Meta,
     Split,
     channel_stats,
+    class_by_class,
     decode,
     decode_idx,
     load_split,
@@ -137,3 +138,8 @@ def test_gz_round_trip_helper_matches_spec(tmp_path: Path) -> None:
     spec = write_idx_dataset(tmp_path)
     data = gzip.decompress((tmp_path / "train-labels-idx1-ubyte.gz").read_bytes())
     assert len(data) == spec.files["train_labels"].size
+
+
+def test_preview_order_shows_every_class_first() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert class_by_class(labels).tolist() == [0, 3, 5, 1, 4, 2]

@@ -276,12 +276,12 @@ def preprocess(
     meta.save(meta_file)
     from image_classifier.plots import save_image_grid  # matplotlib: only the stage that draws pays for it
 
-    preview = splits["train"].subset(torch.arange(min(36, len(splits["train"]))))
+    preview = splits["train"].subset(class_by_class(splits["train"].labels)[:36])
     save_image_grid(
         preview.images,
         [classes[i] for i in preview.labels],
         samples_png,
-        title=f"{dataset}: first training images\n{describe_counts(meta.class_counts, list_each=False)}",
+        title=f"{dataset}: training images\n{describe_counts(meta.class_counts, list_each=False)}",
     )
     print(
         f"{dataset}: "
@@ -291,6 +291,17 @@ def preprocess(
     )
     print(f"training images per class: {describe_counts(meta.class_counts)}")
     return meta
+
+
+def class_by_class(labels: torch.Tensor) -> torch.Tensor:
+    """Indices that take the first image of each class, then the second of each, ...: a preview of the first
+    few shows every class, not only the first one of a folder sorted by class."""
+    by_class = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels)
+    first_of_class = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(labels)
+    rank[by_class] = torch.arange(len(labels)) - first_of_class[labels[by_class]]
+    return torch.argsort(rank * len(counts) + labels, stable=True)
 
 
 # A largest-to-smallest class ratio above this gets the hint to weight the loss.

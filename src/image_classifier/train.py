@@ -118,7 +118,7 @@ class Selection:
         best = s["max_accuracy"]
         # At least one image of slack: at 100% the standard error is 0, and 13 of 14 is no real difference.
         slack = max(math.sqrt(best * (1 - best) / self.val_size), 1 / self.val_size)
-        if accuracy >= best - slack - 1e-9:
+        if accuracy >= best - slack - 1e-6:  # accuracies arrive as float32
             s.update(epoch=epoch, val_accuracy=accuracy, weights=_copy_state(model))
 
     def should_stop(self) -> bool:
