@@ -23,6 +23,7 @@ from image_classifier.data import (
 )
 from image_classifier.errors import UserError
 from image_classifier.fetch import fetch_dataset
+from image_classifier.params import split_size
 
 
 @pytest.fixture
@@ -143,3 +144,31 @@ def test_gz_round_trip_helper_matches_spec(tmp_path: Path) -> None:
 def test_preview_order_shows_every_class_first() -> None:
     labels = torch.tensor([0, 0, 0, 1, 1, 2])
     assert class_by_class(labels).tolist() == [0, 3, 5, 1, 4, 2]
+
+
+def folder_like(counts: list[int]) -> dict[str, Split]:
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return {"train": Split(torch.zeros(len(labels), 1, 8, 8, dtype=torch.uint8), labels)}
+
+
+def test_auto_splits_hold_every_class_and_name_one_too_small(tmp_path: Path, capsys) -> None:
+    params = params_module.PreprocessParams(val_size="auto", test_size="auto", train_subset=0, seed=0)
+    files = {name: tmp_path / f"{name}.pt" for name in ("train", "val", "test")}
+    classes = ["many", "few", "single"]
+    meta = preprocess(
+        "folder", classes, folder_like([60, 6, 1]), params, files, tmp_path / "m.json", tmp_path / "s.png"
+    )
+    # 20% of 67 for testing, 10% of the rest for validation, at least one of each class that can spare one.
+    assert meta.sizes == {"train": 49, "val": 5, "test": 13}
+    assert torch.bincount(load_split(files["val"]).labels, minlength=3).tolist() == [4, 1, 0]
+    assert torch.bincount(load_split(files["test"]).labels, minlength=3).tolist() == [12, 1, 0]
+    out, err = capsys.readouterr()
+    assert "warning: class single has too few images to split (1 left): the test set has none of it" in err
+    assert "training images per class: many 44, few 4, single 1 (44:1 unbalanced: consider" in out
+
+
+def test_auto_split_sizes_are_capped_for_large_sets() -> None:
+    assert split_size("val_size", "auto", 55_000) == 5_000
+    assert split_size("test_size", "auto", 1_000_000) == 10_000
+    assert split_size("val_size", "auto", 144) == 14
+    assert split_size("val_size", 0.5, 144) == 72 and split_size("val_size", 30, 144) == 30
