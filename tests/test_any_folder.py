@@ -15,8 +15,8 @@ from test_pipeline import STAGES, repro
 pytestmark = pytest.mark.slow
 
 FOLDERS = {
-    # The example: 3 easy classes, 60 each, random colours, places and sizes.
-    "shapes": ({}, 0.95),
+    # The example: 3 easy classes, 60 square images each, shapes of random colour, place and size.
+    "shapes": ({"size_range": (64, 64)}, 0.95),
     "grey-unbalanced": ({"per_class": [300, 30], "classes": ("circle", "star"), "grey": 1.0}, 0.8),
     "twenty-mixed": (
         {
