@@ -135,3 +135,14 @@ def test_predict_refuses_bad_images(tmp_path: Path, name: str, content, message:
         path.write_bytes(content)
     with pytest.raises(UserError, match=message):
         load_image(path, [1, 28, 28])
+
+
+def test_sample_mosaic_matches_torchvision_make_grid() -> None:
+    from torchvision.utils import make_grid
+
+    from image_classifier.plots import _mosaic
+
+    for channels in (1, 3):
+        images = torch.randint(0, 256, (7, channels, 10, 12), dtype=torch.uint8)
+        expected = make_grid(images, nrow=3, padding=4, pad_value=255).permute(1, 2, 0)
+        assert torch.equal(_mosaic(images, 3, 4), expected)
