@@ -2,7 +2,6 @@
 file is read memory-mapped into a meta-device model, models:/ URIs resolve through the registry, bad files are
 refused in one line, and the train stage prints and logs what it loaded."""
 
-import dataclasses
 import hashlib
 import pickle
 from pathlib import Path
@@ -52,7 +51,7 @@ def tiny_train_params() -> params_module.TrainParams:
 def source_model(tmp_path_factory: pytest.TempPathFactory, tiny_train_params) -> Path:
     """A tiny model trained on set A (conftest's learnable images), saved as models/model.pt is."""
     folder = tmp_path_factory.mktemp("source")
-    params = dataclasses.replace(tiny_train_params, epochs=3)
+    params = tiny_train_params.model_copy(update=dict(epochs=3))
     result = train(params, CONFIG, make_split(400, 1), make_split(100, 2), CPU, folder / "resume.pt")
     assert result.best_val_accuracy > 0.5
     save_model(folder / "model.pt", CONFIG, result.best_state)
@@ -66,7 +65,7 @@ def model_keys(config: dict) -> list[str]:
 def test_fine_tuning_on_another_data_set_beats_a_cold_start(
     source_model: Path, tiny_train_params, tmp_path: Path
 ) -> None:
-    params = dataclasses.replace(tiny_train_params, epochs=1, init_from=str(source_model))
+    params = tiny_train_params.model_copy(update=dict(epochs=1, init_from=str(source_model)))
     data = (target_split(300, 3), target_split(100, 4))
     cold = train(params, TARGET_CONFIG, *data, CPU, tmp_path / "cold.pt")
     warm = train(params, TARGET_CONFIG, *data, CPU, tmp_path / "warm.pt", init_weights=source_model)
@@ -103,7 +102,7 @@ def test_warm_start_takes_weights_not_optimiser_state(
     torch.save({"model": state, "optimizer": optimizer.state_dict(), "epoch": 3}, checkpoint)
     assert torch.load(checkpoint, weights_only=True)["optimizer"]["state"], "the file must hold momentum"
 
-    params = dataclasses.replace(tiny_train_params, epochs=1, init_from="x")
+    params = tiny_train_params.model_copy(update=dict(epochs=1, init_from="x"))
     data = (target_split(300, 3), target_split(100, 4))
     from_model = train(params, TARGET_CONFIG, *data, CPU, tmp_path / "a.pt", init_weights=source_model)
     from_checkpoint = train(params, TARGET_CONFIG, *data, CPU, tmp_path / "b.pt", init_weights=checkpoint)
@@ -256,7 +255,7 @@ def test_bad_files_are_refused_in_one_line(source_model: Path, tmp_path: Path) -
 def test_a_resume_checkpoint_takes_precedence_over_init_from(
     source_model: Path, tiny_train_params, tmp_path: Path
 ) -> None:
-    params = dataclasses.replace(tiny_train_params, epochs=2, init_from=str(source_model))
+    params = tiny_train_params.model_copy(update=dict(epochs=2, init_from=str(source_model)))
     data = (target_split(300, 3), target_split(100, 4))
     whole = train(params, TARGET_CONFIG, *data, CPU, tmp_path / "whole.pt", init_weights=source_model)
 
