@@ -18,12 +18,12 @@ from image_classifier.data import (
     load_split,
     preprocess,
     save_split,
+    split_size,
     stratified_indices,
     validate,
 )
 from image_classifier.errors import UserError
 from image_classifier.fetch import fetch_dataset
-from image_classifier.params import split_size
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from image_classifier.datasets import (
 )
 from image_classifier.errors import UserError, load_failure
 from image_classifier.files import atomic_path, save_tensors
-from image_classifier.params import PreprocessParams, split_size
+from image_classifier.params import PreprocessParams
 
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 data with 3 and 1 dimensions
 # How to recover a damaged processed file: DVC's cache has the last good copy, or the stage rebuilds it.
@@ -163,6 +163,20 @@ def validate(split: Split, spec: DatasetSpec, name: str) -> None:
     if (counts == 0).any():
         missing = [spec.classes[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
         raise UserError(f"{name} split: no images of class {', '.join(missing)}")
+
+
+# `auto` split sizes: a share of the images, capped where more images would add little precision (the standard
+# error of an accuracy measured on 5,000 images is under 0.4 points).
+AUTO_SPLITS = {"val_size": (0.1, 5_000), "test_size": (0.2, 10_000)}
+
+
+def split_size(key: str, value: float | str, total: int) -> int:
+    """`preprocess.<key>` (val_size or test_size) as a count of images out of `total`: a fraction below 1 of
+    it, the count itself, or for `auto` a share of it (AUTO_SPLITS)."""
+    if value == "auto":
+        share, cap = AUTO_SPLITS[key]
+        return min(round(share * total), cap)
+    return round(value * total) if 0 < value < 1 else int(value)
 
 
 def stratified_indices(

@@ -188,20 +188,6 @@ def from_dict(raw: Any, source: str = "params") -> Params:
         raise ParamsError(f"{source}: {_describe(error.errors(include_url=False))}") from None
 
 
-# `auto` split sizes: a share of the images, capped where more images would add little precision (the standard
-# error of an accuracy measured on 5,000 images is under 0.4 points).
-AUTO_SPLITS = {"val_size": (0.1, 5_000), "test_size": (0.2, 10_000)}
-
-
-def split_size(key: str, value: float | str, total: int) -> int:
-    """`preprocess.<key>` (val_size or test_size) as a count of images out of `total`: a fraction below 1 of
-    it, the count itself, or for `auto` a share of it (AUTO_SPLITS)."""
-    if value == "auto":
-        share, cap = AUTO_SPLITS[key]
-        return min(round(share * total), cap)
-    return round(value * total) if 0 < value < 1 else int(value)
-
-
 # --- pydantic's errors as one line -------------------------------------------------------------------------
 
 _RANGE_ERRORS = {
