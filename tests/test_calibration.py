@@ -107,7 +107,7 @@ def test_calibrate_lowers_the_validation_nll_of_any_wrapped_network(
     val = noisy_split(500, 3)
     raw = model(val.images.float() / 255)
     found = calibrate(model, val)
-    assert found is not None
+    assert not isinstance(found, str), found  # a reason it was skipped
     confidence, accuracy = found.before["mean_confidence"], (raw.argmax(1) == val.labels).float().mean()
     assert (confidence > accuracy) == over_confident  # the model really is what the test says
     assert (found.temperature > 1) == over_confident
