@@ -242,3 +242,17 @@ def run(args: list[str], cwd: Path, check: bool = True, **kwargs: Any) -> subpro
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_stays_in_its_test() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ: without this, every command a
+    later test starts would log to the store of the last test that connected in-process."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
