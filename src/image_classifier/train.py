@@ -93,9 +93,9 @@ class Selection:
 
     On a validation set of a few dozen images, accuracy moves in big steps and the highest score is often luck.
     So the kept epoch is the latest one whose accuracy is within one standard error (and at least one image) of
-    the best seen so far (on a plateau, the last epoch: its learning rate is lowest). Training stops after `patience` epochs in
-    which neither the best accuracy nor the lowest validation loss improved; epochs up to `grace` (the
-    learning-rate warm-up) do not count.
+    the best seen so far (on a plateau, the last epoch: its learning rate is lowest). Training stops after
+    `patience` epochs in which neither the best accuracy nor the lowest validation loss improved; epochs up to
+    `grace` (the learning-rate warm-up) do not count.
     """
 
     def __init__(
