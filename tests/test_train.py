@@ -288,3 +288,23 @@ def test_test_time_flip_averages_an_image_and_its_mirror_in_eval_mode_only() -> 
     assert not torch.allclose(model(images), plain(images), atol=1e-4)
     model.train(), plain.train()  # training sees one view: the augmentation already flips
     assert torch.equal(model(images), plain(images))
+
+
+def test_balanced_class_weights_change_what_training_learns(tiny_params, tmp_path: Path) -> None:
+    split = make_split(400, 1)
+    unbalanced = split.subset(torch.nonzero((split.labels != 3) | (torch.arange(400) < 40)).flatten())
+    runs = {
+        weights: train(
+            tiny_params.train.model_copy(update={"class_weights": weights}),
+            CONFIG,
+            unbalanced,
+            make_split(100, 2),
+            torch.device("cpu"),
+            tmp_path / f"{weights}.pt",
+        )
+        for weights in ("none", "balanced")
+    }
+    # Same seed, same batches: only the loss weights differ, so the weights must too.
+    assert state_hash(runs["none"].final_checkpoint["model"]) != state_hash(
+        runs["balanced"].final_checkpoint["model"]
+    )
