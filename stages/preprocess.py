@@ -7,10 +7,13 @@ from image_classifier.errors import run_cli
 def main() -> None:
     params = params_module.load()
     # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
+    from image_classifier.backbones import check_architecture, is_timm
     from image_classifier.data import decode, preprocess
     from image_classifier.datasets import get_dataset
     from image_classifier.paths import META_FILE, RAW_DIR, SAMPLES_PNG, SPLIT_FILES
 
+    if is_timm(params.train.model):  # its name decides the image size: check it before decoding anything
+        check_architecture(params.train.model)
     note = ""
     if params.data.dataset == "folder":
         from image_classifier.folder import auto_note, decode_folder, resolve_image_size

@@ -20,7 +20,7 @@ def main() -> None:
     from image_classifier.device import describe, pick_device, set_threads
     from image_classifier.export import save_model
     from image_classifier.files import save_tensors
-    from image_classifier.models import resolve_model
+    from image_classifier.models import model_config as model_config_for
     from image_classifier.train import resume_path, train, write_reports
     from image_classifier.warm_start import resolve
 
@@ -36,19 +36,14 @@ def main() -> None:
 
         meta = Meta.load(paths.META_FILE)
         train_split, val_split = load_split(paths.SPLIT_FILES["train"]), load_split(paths.SPLIT_FILES["val"])
-        model, width = resolve_model(params.train.model, params.train.width, meta.dataset)
+        model_config, pretrained = model_config_for(
+            params.train, meta.dataset, meta.image_shape, meta.classes, meta.mean, meta.std
+        )
+        model, width = model_config["model"], model_config["width"]
         if lead and "auto" in (params.train.model, params.train.width):
-            print(f"train.model auto: {model}, width {width}")
-        model_config = {
-            "dataset": meta.dataset,
-            "model": model,
-            "width": width,
-            "test_time_flip": params.train.test_time_flip,
-            "image_shape": meta.image_shape,
-            "classes": meta.classes,
-            "mean": meta.mean,
-            "std": meta.std,
-        }
+            print(f"train.model auto: {model}" + (f", width {width}" if width else ""))
+        if lead and pretrained:
+            print(pretrained.line())
         data_files = {
             "train": paths.SPLIT_FILES["train"],
             "val": paths.SPLIT_FILES["val"],
@@ -58,9 +53,8 @@ def main() -> None:
         if params.train.init_from:
             init_weights, init_what = resolve(params.train.init_from, params.tracking, Path(downloads))
         # The init file's bytes are in the fingerprint: a changed file is not resumed from a stale checkpoint.
-        checkpoint_path = resume_path(
-            paths.RESUME_DIR, params.flat(), [*data_files.values(), *([init_weights] if init_weights else [])]
-        )
+        weight_files = [file for file in (init_weights, pretrained and pretrained.file) if file]
+        checkpoint_path = resume_path(paths.RESUME_DIR, params.flat(), [*data_files.values(), *weight_files])
 
         # Every process trains; only the lead also reports each epoch to MLflow.
         run_training = functools.partial(
@@ -72,6 +66,7 @@ def main() -> None:
             device,
             checkpoint_path,
             init_weights=init_weights,
+            pretrained=pretrained,
         )
         if not lead:
             run_training()
@@ -95,6 +90,8 @@ def main() -> None:
             )
             if result.warm_start:
                 tracking.log_warm_start(result.warm_start.as_dict(), init_what)
+            if pretrained:
+                tracking.log_pretrained(pretrained)
             # Fitted after training, with the best weights: training itself always runs at temperature 1.
             state, calibration = calibrated_state(
                 model_config, result.best_state, val_split, params.train.calibrate

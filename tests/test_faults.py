@@ -235,7 +235,7 @@ PARAMS_CASES = {
     "wrong-type-exponent-read-as-text": Case(
         FETCH,
         edit_params(r"(?m)^  lr: .*$", "  lr: 1e-3"),
-        (r"train.lr = '1e-3' must be float, not str; write it as 0.001",),
+        (r"train.lr = '1e-3' must be a number in \(0, 10\] or 'auto', not str; write it as 0.001",),
     ),
     "section-not-a-mapping": Case(
         FETCH, replace_section("train", 5), (r"train must be a mapping of keys to values",)
@@ -255,7 +255,7 @@ PARAMS_CASES = {
     "unknown-model": Case(
         FETCH,
         set_params(train={"model": "resnet"}),
-        (r"train.model = 'resnet' is not allowed; use one of auto, mlp, cnn, convnet",),
+        (r"train.model = 'resnet' is out of range; .*did you mean 'timm:resnet'\?",),
     ),
     "unknown-optimizer": Case(
         FETCH,

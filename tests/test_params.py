@@ -29,10 +29,10 @@ def refusal(raw: object) -> str:
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("train", "lr", 0.0, "train.lr = 0.0 is out of range; allowed: a number in (0, 10]"),
+        ("train", "lr", 0.0, "train.lr = 0.0 is out of range; allowed: a number in (0, 10] or 'auto'"),
         ("train", "lr", -0.1, "train.lr = -0.1 is out of range"),
         ("train", "lr", float("nan"), "train.lr = nan is out of range"),
-        ("train", "lr", True, "train.lr = True must be float, not bool"),
+        ("train", "lr", True, "train.lr = True must be a number in (0, 10] or 'auto', not bool"),
         ("train", "epochs", 0, "train.epochs = 0 is out of range; allowed: an integer >= 1 or 'auto'"),
         ("train", "epochs", True, "train.epochs = True must be an integer >= 1 or 'auto', not bool"),
         ("train", "epochs", "ten", "train.epochs = 'ten' must be an integer >= 1 or 'auto', not str"),
@@ -51,7 +51,8 @@ def refusal(raw: object) -> str:
             "train",
             "model",
             "resnet",
-            "train.model = 'resnet' is not allowed; use one of auto, mlp, cnn, convnet",
+            "train.model = 'resnet' is out of range; allowed: auto, mlp, cnn, convnet or timm:<architecture> "
+            "(timm:resnet18, ...); did you mean 'timm:resnet'?",
         ),
         ("train", "optimizer", "adam", "did you mean 'adamw'?"),
         ("train", "schedule", "cosin", "did you mean 'cosine'?"),
@@ -100,7 +101,7 @@ def test_auto_is_accepted_where_the_pipeline_can_choose() -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "train.lr",
+        "train.momentum",
         "train.target_steps",
         "train.ema_decay",
         "train.ema",
@@ -149,10 +150,13 @@ def test_an_int_given_for_a_float_stays_an_int() -> None:
 
 def test_exponent_without_a_dot_gets_a_tip(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
-    path.write_text((REPO / "params.yaml").read_text().replace("  lr: 0.2 ", "  lr: 1e-3 "))
+    path.write_text((REPO / "params.yaml").read_text().replace("  lr: auto ", "  lr: 1e-3 "))
     with pytest.raises(ParamsError) as caught:
         params_module.load(path)
-    assert f"{path}: train.lr = '1e-3' must be float, not str; write it as 0.001 (quotes" in str(caught.value)
+    assert (
+        f"{path}: train.lr = '1e-3' must be a number in (0, 10] or 'auto', not str; write it as 0.001 (quotes"
+        in str(caught.value)
+    )
 
 
 def test_params_are_frozen() -> None:
@@ -161,7 +165,7 @@ def test_params_are_frozen() -> None:
         params.train.lr = 0.5  # type: ignore[misc]
     with pytest.raises(ValidationError, match="frozen"):
         params.train = params.train  # type: ignore[misc]
-    assert params.train.lr == 0.2
+    assert params.train.lr == "auto"
 
 
 def test_nesterov_needs_momentum_with_sgd() -> None:

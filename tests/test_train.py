@@ -185,7 +185,15 @@ def test_auto_plan_follows_the_size_of_the_data(tiny_params, images, batch, lr, 
 
 def test_explicit_values_are_kept(tiny_params) -> None:
     params = tiny_params.train.model_copy(
-        update={"batch_size": 32, "epochs": 5, "lr": 0.3, "crop_padding": 2}
+        update={
+            "batch_size": 32,
+            "epochs": 5,
+            "lr": 0.3,
+            "crop_padding": 2,
+            "optimizer": "sgd",
+            "weight_decay": 5e-4,
+            "augment": "basic",
+        }
     )
     plan = plan_training(params, 1_000, image_size=32, model="convnet")
     assert (plan.batch_size, plan.epochs, plan.lr, plan.crop_padding, plan.notes) == (32, 5, 0.3, 2, ())

@@ -268,9 +268,13 @@ DEFAULT_IMAGE_SIZE = 64
 
 
 def resolve_image_size(image_size: int | Literal["auto"], model: str) -> int:
-    """`data.image_size` in pixels: "auto" is the size `model` was built for, 64 for every model so far. Once it
-    depends on `model` (a pretrained model's own size), preprocess in dvc.yaml must list train.model."""
-    return DEFAULT_IMAGE_SIZE if image_size == "auto" else image_size
+    """`data.image_size` in pixels: "auto" is the size `model` was built for: a timm architecture's pretrained
+    input size (224 for most), 64 for ours. (So preprocess in dvc.yaml lists train.model.)"""
+    if image_size != "auto":
+        return image_size
+    from image_classifier import backbones
+
+    return backbones.input_size(model) if backbones.is_timm(model) else DEFAULT_IMAGE_SIZE
 
 
 def auto_note(image_size: int | str, channels: int | str, images: torch.Tensor) -> str:

@@ -1,4 +1,5 @@
-"""The networks `train.model` selects, wrapped with their input normalisation.
+"""The networks `train.model` selects (our own, or any timm architecture), wrapped with their input
+normalisation.
 
 A model takes float32 images (N, C, H, W) scaled to 0..1 and returns logits. Normalisation lives inside it, so
 ONNX, torch.export, MLflow and `predict` all feed the same plain input and cannot disagree about statistics.
@@ -8,6 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from image_classifier import backbones
+from image_classifier.backbones import Weights, is_timm
+from image_classifier.params import TrainParams
 
 
 class QuickstartMLP(nn.Module):
@@ -106,9 +111,46 @@ DEFAULT_WIDTHS = {"cnn": 20, "convnet": 16, "mlp": 0}
 
 def resolve_model(model: str, width: int | str, dataset: str) -> tuple[str, int]:
     """`train.model` and `train.width` with `auto` resolved: `cnn` for the centred 28-pixel data sets and
-    `convnet` for everything else, each at its own default width."""
+    `convnet` for everything else, each at its own default width. A timm model has its own widths (0)."""
     name = model if model != "auto" else "cnn" if dataset in CENTRED_DATASETS else "convnet"
+    if is_timm(name):
+        return name, 0
     return name, DEFAULT_WIDTHS[name] if width == "auto" else width
+
+
+def model_config(
+    params: TrainParams,
+    dataset: str,
+    image_shape: list[int],
+    classes: list[str],
+    mean: list[float],
+    std: list[float],
+) -> tuple[dict[str, Any], Weights | None]:
+    """What build_model needs to rebuild the network train.model names (saved with the weights), and the timm
+    model's pretrained weights resolved to a checked local file (None for ours, or with train.pretrained "").
+
+    Pretrained weights bring their own normalisation (the statistics they were trained with); otherwise the
+    training split's `mean` and `std` apply."""
+    model, width = resolve_model(params.model, params.width, dataset)
+    weights, kwargs = None, {}
+    if is_timm(model):
+        backbones.check_architecture(model)
+        weights = backbones.resolve_weights(params.pretrained, model)
+        kwargs = backbones.model_kwargs(model, image_shape[-1])
+        if weights:
+            mean, std = backbones.normalisation(model, weights, image_shape[0])
+    config = {
+        "dataset": dataset,
+        "model": model,
+        "width": width,
+        "test_time_flip": params.test_time_flip,
+        "image_shape": image_shape,
+        "classes": classes,
+        "mean": mean,
+        "std": std,
+        **({"model_kwargs": kwargs} if kwargs else {}),
+    }
+    return config, weights
 
 
 class ImageClassifier(nn.Module):
@@ -157,15 +199,20 @@ class ImageClassifier(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def build_model(config: dict[str, Any]) -> ImageClassifier:
-    """The model a config describes: `model` (mlp, cnn or convnet), `width`, `image_shape`, `classes`, `mean`, `std`,
-    and `test_time_flip` (absent in model files saved before it existed: off).
+def build_model(config: dict[str, Any], pretrained: Weights | None = None) -> ImageClassifier:
+    """The model a config describes: `model` (mlp, cnn, convnet or timm:<architecture>), `width`, `image_shape`,
+    `classes`, `mean`, `std`, `test_time_flip` (absent in model files saved before it existed: off), and for timm
+    models `model_kwargs`. `pretrained` weights (timm models only) are loaded through timm.
 
     The same config is saved beside the weights, so every later stage rebuilds exactly what was trained.
     """
     image_shape, num_classes = tuple(config["image_shape"]), len(config["classes"])
-    if config["model"] == "mlp":
-        network: nn.Module = QuickstartMLP(image_shape, num_classes)
+    if is_timm(config["model"]):
+        network: nn.Module = backbones.create(
+            config["model"], num_classes, image_shape[0], config.get("model_kwargs", {}), pretrained
+        )
+    elif config["model"] == "mlp":
+        network = QuickstartMLP(image_shape, num_classes)
     elif config["model"] == "cnn":
         network = SmallCNN(image_shape, num_classes, config["width"])
     elif config["model"] == "convnet":

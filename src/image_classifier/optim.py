@@ -1,4 +1,5 @@
-"""Optimiser, learning-rate schedule, weight averaging (EMA) and class weights for the loss."""
+"""Optimiser (parameter groups, freezing), learning-rate schedule, weight averaging (EMA) and class weights for
+the loss."""
 
 import math
 
@@ -7,18 +8,57 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from image_classifier.params import TrainParams
+from image_classifier.plan import TrainingPlan
 
 
-def make_optimizer(params: TrainParams, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    if params.optimizer == "sgd":
+def parameter_groups(model: nn.Module, plan: TrainingPlan) -> list[dict]:
+    """The optimiser's parameter groups. Our networks: one group, as the quickstart has it. timm networks
+    (ImageClassifier around a timm model): the new classifier at `plan.lr`, the pretrained backbone at
+    `plan.lr x backbone_lr_scale`, and, as in timm's own training, no weight decay on biases and norm layers
+    (1-D tensors). Backbone groups carry `backbone: True`, which freezing reads."""
+    network = getattr(model, "network", model)
+    if not hasattr(network, "get_classifier"):
+        return [{"params": list(model.parameters()), "lr": plan.lr, "weight_decay": plan.weight_decay}]
+    head = {id(p) for p in network.get_classifier().parameters()}
+    groups = []
+    for backbone in (True, False):
+        lr = plan.lr * (plan.backbone_lr_scale if backbone else 1.0)
+        for decay in (True, False):
+            members = [
+                p for p in network.parameters() if (id(p) not in head) == backbone and (p.ndim > 1) == decay
+            ]
+            if members:
+                groups.append(
+                    {
+                        "params": members,
+                        "lr": lr,
+                        "weight_decay": plan.weight_decay if decay else 0.0,
+                        "backbone": backbone,
+                    }
+                )
+    return groups
+
+
+def make_optimizer(params: TrainParams, plan: TrainingPlan, model: nn.Module) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, plan)
+    if plan.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(),
-            lr=lr,
+            groups,
+            lr=plan.lr,
             momentum=params.momentum,
             nesterov=params.nesterov,
-            weight_decay=params.weight_decay,
+            weight_decay=plan.weight_decay,
         )
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=params.weight_decay)
+    return torch.optim.AdamW(groups, lr=plan.lr, weight_decay=plan.weight_decay)
+
+
+def set_backbone_trainable(optimizer: torch.optim.Optimizer, trainable: bool) -> None:
+    """Freeze or unfreeze the pretrained backbone. A frozen parameter gets no gradient, so the optimiser skips
+    it (no step, no weight decay) and backpropagation stops at the classifier: frozen epochs are also faster."""
+    for group in optimizer.param_groups:
+        if group.get("backbone"):
+            for parameter in group["params"]:
+                parameter.requires_grad_(trainable)
 
 
 # One-cycle spends this share of the steps warming up to the peak learning rate.
@@ -27,19 +67,32 @@ ONECYCLE_WARMUP = 0.25
 
 def warmup_epochs(params: TrainParams, epochs: int) -> int:
     """Epochs of the schedule's warm-up: validation gets worse there by design, so patience does not count."""
-    return math.ceil(ONECYCLE_WARMUP * epochs) if params.schedule == "onecycle" else 0
+    return math.ceil(ONECYCLE_WARMUP * epochs) if params.schedule in ("onecycle", "cosine") else 0
 
 
 def make_scheduler(
-    params: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int, lr: float
+    params: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per batch. One-cycle warms up over the first quarter, then anneals linearly to ~0."""
+    """Stepped once per batch; each parameter group peaks at its own learning rate. One-cycle warms up over the
+    first quarter, then anneals linearly to ~0; cosine warms up linearly as long, then follows a cosine to 0."""
+    peaks = [group["lr"] for group in optimizer.param_groups]
     if params.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=total_steps, pct_start=ONECYCLE_WARMUP, anneal_strategy="linear"
+            optimizer,
+            max_lr=peaks,
+            total_steps=total_steps,
+            pct_start=ONECYCLE_WARMUP,
+            anneal_strategy="linear",
         )
     if params.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        warmup = max(1, round(ONECYCLE_WARMUP * total_steps))
+
+        def warmup_then_cosine(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 

@@ -5,6 +5,7 @@ value and what is allowed, so a typo costs seconds, not a run. A field's `descri
 """
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -89,23 +90,44 @@ class PreprocessParams(_Section):
     seed: int
 
 
+# `timm:<architecture>`: whether timm knows the name is checked by the stage (importing timm takes seconds).
+OUR_MODELS = ("auto", "mlp", "cnn", "convnet")
+TIMM_MODEL = r"timm:[A-Za-z0-9_.\-]+"
+MODEL = "auto, mlp, cnn, convnet or timm:<architecture> (timm:resnet18, ...)"
+
+
 class TrainParams(_Section):
-    model: Literal["auto", "mlp", "cnn", "convnet"]
+    model: str = Field(description=MODEL)
+    pretrained: str
+    freeze_epochs: Annotated[int, Field(ge=0)] | Auto = Field(
+        description="0 (no freezing), a count or 'auto'"
+    )
+    backbone_lr_scale: Annotated[Number, Field(gt=0, le=1)] | Auto = Field(
+        description="a number in (0, 1] or 'auto'"
+    )
     width: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
     epochs: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
     target_steps: int = Field(ge=1, description="an integer >= 1")
     patience: int = Field(ge=0, description="0 (off) or a count of epochs")
     batch_size: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
-    optimizer: Literal["sgd", "adamw"]
-    lr: Number = Field(gt=0, le=10, description="a number in (0, 10]")
+    optimizer: Literal["auto", "sgd", "adamw"]
+    lr: Annotated[Number, Field(gt=0, le=10)] | Auto = Field(description="a number in (0, 10] or 'auto'")
     momentum: Number = Field(ge=0, lt=1, description="a number in [0, 1)")
     nesterov: bool = Field(description="false when train.momentum is 0")
-    weight_decay: Number = Field(ge=0, description="a number >= 0")
+    weight_decay: Annotated[Number, Field(ge=0)] | Auto = Field(description="a number >= 0 or 'auto'")
     schedule: Literal["none", "onecycle", "cosine"]
     label_smoothing: Number = Field(ge=0, lt=1, description="[0, 1)")
     class_weights: Literal["none", "balanced"]
     crop_padding: Annotated[int, Field(ge=0, le=64)] | Auto = Field(description="0 to 64 pixels or 'auto'")
     flip: bool
+    augment: Literal["auto", "basic", "photo"]
+    crop_scale: list[Number] = Field(
+        min_length=2, max_length=2, description="[smallest, largest] share of the image, in (0, 1]"
+    )
+    trivial_augment: bool
+    random_erasing: Number = Field(ge=0, le=1, description="a probability in [0, 1]")
+    mixup: Number = Field(ge=0, description="0 (off) or a Beta distribution's alpha > 0")
+    cutmix: Number = Field(ge=0, description="0 (off) or a Beta distribution's alpha > 0")
     test_time_flip: bool
     calibrate: bool
     ema: bool
@@ -119,14 +141,29 @@ class TrainParams(_Section):
     processes: int = Field(ge=1, le=64, description="1 to 64 processes")
     init_from: str
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model in OUR_MODELS or re.fullmatch(TIMM_MODEL, model):
+            return model
+        close = difflib.get_close_matches(model, OUR_MODELS, n=1)
+        raise ValueError(f"{HINT}did you mean '{close[0] if close else PREFIX_TIMM + model}'?")
+
     @field_validator("nesterov")
     @classmethod
     def _nesterov_needs_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
         # PyTorch's SGD refuses Nesterov without momentum, but only once training starts; say so now.
         # `info.data` holds the fields above this one that passed (a failed momentum is reported on its own).
-        if nesterov and info.data.get("optimizer") == "sgd" and info.data.get("momentum") == 0:
+        if nesterov and info.data.get("optimizer") in ("sgd", "auto") and info.data.get("momentum") == 0:
             raise ValueError("Nesterov momentum needs momentum")
         return nesterov
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, scale: list[float]) -> list[float]:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError("must be [smallest, largest] with 0 < smallest <= largest <= 1")
+        return scale
 
 
 class EvaluateParams(_Section):
@@ -198,6 +235,9 @@ _RANGE_ERRORS = {
     "string_pattern_mismatch",
     "value_error",  # a validator's check, such as data.channels or train.nesterov
 }
+# A validator's ValueError starting with this adds its text to the line: "...; did you mean 'timm:resnet18'?"
+HINT = "hint: "
+PREFIX_TIMM = "timm:"
 _TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
 
 
@@ -219,7 +259,8 @@ def _describe(errors: list[ErrorDetails]) -> str:
     kinds = {error["type"] for error in errors if _locate(error["loc"])[0] == key}
     allowed = field.description if field and field.description else first["msg"]
     if kinds & _RANGE_ERRORS:
-        return f"{key} = {value!r} is out of range; allowed: {allowed}"
+        hint = first["msg"].partition(HINT)[2] if first["type"] == "value_error" else ""
+        return f"{key} = {value!r} is out of range; allowed: {allowed}{f'; {hint}' if hint else ''}"
     if kinds == {"literal_error"}:
         return _not_allowed(key, value, field)
     expected = _TYPE_NAMES.get(first["type"], allowed) if len(kinds) == 1 else allowed

@@ -3,6 +3,7 @@
 dvc.yaml names the same paths; tests/test_dvc_yaml.py checks that the two agree.
 """
 
+import os
 from pathlib import Path
 
 RAW_DIR = Path("data/raw")
@@ -32,3 +33,12 @@ MODEL_CONFIG = EXPORT_DIR / "config.json"
 ONNX_FILE = EXPORT_DIR / "model.onnx"
 PT2_FILE = EXPORT_DIR / "model.pt2"
 EXPORT_METRICS = Path("reports/export/metrics.json")
+
+
+def pretrained_cache() -> Path:
+    """Where downloaded pretrained weights are kept (timm models): $IMAGE_CLASSIFIER_CACHE, else
+    ~/.cache/image-classifier (or under $XDG_CACHE_HOME). Outside the repository, so every clone shares it;
+    copy the folder to a machine without internet to use the same weights there."""
+    if os.environ.get("IMAGE_CLASSIFIER_CACHE"):
+        return Path(os.environ["IMAGE_CLASSIFIER_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "image-classifier"

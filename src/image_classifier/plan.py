@@ -9,6 +9,7 @@ epoch several steps. Every choice is explained in one line, printed and logged.
 import math
 from dataclasses import dataclass
 
+from image_classifier.backbones import is_timm
 from image_classifier.params import TrainParams
 
 # `batch_size: auto` starts here, the batch the default learning rate was tuned for on Fashion-MNIST...
@@ -18,6 +19,16 @@ MIN_STEPS_PER_EPOCH = 8
 MIN_AUTO_BATCH = 16
 # `epochs: auto` never trains fewer epochs than this, however large the data set.
 MIN_AUTO_EPOCHS = 3
+# Pretrained weights start near a good solution: fine-tuning aims for this share of train.target_steps.
+# A choice, not a measurement: this machine cannot download published weights to measure it (README).
+FINE_TUNE_STEP_SHARE = 0.2
+# What `auto` stands for per optimiser: SGD's values were tuned for cnn on Fashion-MNIST; AdamW's are timm's
+# fine-tuning values (lr 1e-3 for the new classifier, weight decay 0.05).
+OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.2, "weight_decay": 5e-4}, "adamw": {"lr": 1e-3, "weight_decay": 0.05}}
+# Pretrained timm backbones: one epoch training only the new classifier (as fastai's fine_tune), then
+# everything, the backbone at a tenth of the classifier's learning rate.
+PRETRAINED_FREEZE_EPOCHS = 1
+PRETRAINED_BACKBONE_LR_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,11 @@ class TrainingPlan:
     steps_per_epoch: int
     crop_padding: int
     notes: tuple[str, ...]  # one line per value that differs from what params.yaml says
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    augment: str = "basic"
+    freeze_epochs: int = 0
+    backbone_lr_scale: float = 1.0
 
 
 def batch_starts(num_samples: int, batch_size: int, processes: int = 1) -> list[int]:
@@ -40,12 +56,67 @@ def batch_starts(num_samples: int, batch_size: int, processes: int = 1) -> list[
 
 
 def plan_training(
-    params: TrainParams, num_samples: int, processes: int = 1, image_size: int = 28, model: str = "cnn"
+    params: TrainParams,
+    num_samples: int,
+    processes: int = 1,
+    image_size: int = 28,
+    model: str = "cnn",
+    pretrained: bool = False,
 ) -> TrainingPlan:
-    """Resolve `batch_size`, `lr`, `epochs` and `crop_padding` for a training split of `num_samples` images
-    of `image_size` pixels, for the network `model` (resolved: cnn, convnet or mlp)."""
-    notes = []
-    lr = params.lr
+    """Resolve every `auto` of train.* for a training split of `num_samples` images of `image_size` pixels, for
+    the network `model` (resolved: cnn, convnet, mlp or timm:<name>), starting from `pretrained` weights or not."""
+    notes: list[str] = []
+    optim = _optimizer(params, model, notes)
+    batch_size, lr = _batch_and_lr(params, num_samples, optim["lr"], notes)
+    steps = len(batch_starts(num_samples, batch_size, processes))
+    epochs = _epochs(params, steps, pretrained, notes)
+    augment = params.augment
+    if augment == "auto":
+        augment = "photo" if is_timm(model) else "basic"
+        notes.append(f"train.augment auto: {augment}")
+    crop_padding = params.crop_padding
+    if crop_padding == "auto":
+        # A network that pools globally is meant for objects anywhere in the frame: teach it with shifts of
+        # up to 1/8 of the image. cnn and mlp read fixed positions of centred images; shifts cost them accuracy
+        # in short runs (README, speed). Photo augmentation crops instead.
+        crop_padding = image_size // 8 if model == "convnet" and augment == "basic" else 0
+        notes.append(f"train.crop_padding auto: {crop_padding} pixels")
+    freeze_epochs, backbone_lr_scale = _fine_tuning(params, model, pretrained, epochs, notes)
+    return TrainingPlan(
+        batch_size,
+        lr,
+        epochs,
+        steps,
+        crop_padding,
+        tuple(notes),
+        optim["optimizer"],
+        optim["weight_decay"],
+        augment,
+        freeze_epochs,
+        backbone_lr_scale,
+    )
+
+
+def _optimizer(params: TrainParams, model: str, notes: list[str]) -> dict:
+    """`optimizer`, `lr` and `weight_decay` with `auto` resolved: SGD for our networks, AdamW for timm's."""
+    resolved = {"optimizer": params.optimizer, "lr": params.lr, "weight_decay": params.weight_decay}
+    if params.optimizer == "auto":
+        resolved["optimizer"] = "adamw" if is_timm(model) else "sgd"
+    defaults = OPTIMIZER_DEFAULTS[resolved["optimizer"]]
+    for key in ("lr", "weight_decay"):
+        if resolved[key] == "auto":
+            resolved[key] = defaults[key]
+    autos = [
+        f"{key} {value:g}" if key != "optimizer" else str(value)
+        for key, value in resolved.items()
+        if getattr(params, key) == "auto"
+    ]
+    if autos:
+        notes.append(f"train.optimizer/lr/weight_decay auto: {', '.join(autos)}")
+    return resolved
+
+
+def _batch_and_lr(params: TrainParams, num_samples: int, lr: float, notes: list[str]) -> tuple[int, float]:
     if params.batch_size == "auto":
         batch_size = REFERENCE_BATCH
         while batch_size > MIN_AUTO_BATCH and num_samples / batch_size < MIN_STEPS_PER_EPOCH:
@@ -54,33 +125,48 @@ def plan_training(
         if batch_size != REFERENCE_BATCH:
             # Square-root scaling keeps the noise of a step about constant; linear scaling (Goyal et al.)
             # was too timid for batches of 16 on a few hundred images (measured: README, small folders).
-            lr = params.lr * math.sqrt(batch_size / REFERENCE_BATCH)
+            scaled = lr * math.sqrt(batch_size / REFERENCE_BATCH)
             notes.append(
                 f"train.batch_size auto: {batch_size} ({num_samples} training images, at least "
-                f"{MIN_STEPS_PER_EPOCH} steps per epoch); train.lr scaled to {lr:.4g} (x sqrt({batch_size}/"
+                f"{MIN_STEPS_PER_EPOCH} steps per epoch); train.lr scaled to {scaled:.4g} (x sqrt({batch_size}/"
                 f"{REFERENCE_BATCH}))"
             )
-    elif params.batch_size > num_samples:
-        batch_size = num_samples
+            lr = scaled
+        return batch_size, lr
+    if params.batch_size > num_samples:
         notes.append(
-            f"train.batch_size = {params.batch_size} is larger than the training set: using {batch_size} "
+            f"train.batch_size = {params.batch_size} is larger than the training set: using {num_samples} "
             "(the whole set) per step"
         )
-    else:
-        batch_size = params.batch_size
-    steps = len(batch_starts(num_samples, batch_size, processes))
-    if params.epochs == "auto":
-        epochs = max(MIN_AUTO_EPOCHS, math.ceil(params.target_steps / steps))
-        notes.append(
-            f"train.epochs auto: {epochs} epochs of {steps} steps (train.target_steps = {params.target_steps})"
-        )
-    else:
-        epochs = params.epochs
-    crop_padding = params.crop_padding
-    if crop_padding == "auto":
-        # A network that pools globally is meant for objects anywhere in the frame: teach it with shifts of
-        # up to 1/8 of the image. cnn and mlp read fixed positions of centred images; shifts cost them accuracy
-        # in short runs (README, speed).
-        crop_padding = image_size // 8 if model == "convnet" else 0
-        notes.append(f"train.crop_padding auto: {crop_padding} pixels")
-    return TrainingPlan(batch_size, lr, epochs, steps, crop_padding, tuple(notes))
+        return num_samples, lr
+    return params.batch_size, lr
+
+
+def _epochs(params: TrainParams, steps: int, pretrained: bool, notes: list[str]) -> int:
+    if params.epochs != "auto":
+        return params.epochs
+    target = params.target_steps * (FINE_TUNE_STEP_SHARE if pretrained else 1)
+    epochs = max(MIN_AUTO_EPOCHS, math.ceil(target / steps))
+    why = f"{FINE_TUNE_STEP_SHARE:g} x " if pretrained else ""
+    notes.append(
+        f"train.epochs auto: {epochs} epochs of {steps} steps ({why}train.target_steps = {params.target_steps})"
+    )
+    return epochs
+
+
+def _fine_tuning(
+    params: TrainParams, model: str, pretrained: bool, epochs: int, notes: list[str]
+) -> tuple[int, float]:
+    """`freeze_epochs` and `backbone_lr_scale`: they apply to timm models only (ours have no pretrained body)."""
+    if not is_timm(model):
+        return 0, 1.0
+    freeze, scale = params.freeze_epochs, params.backbone_lr_scale
+    if freeze == "auto":
+        freeze = PRETRAINED_FREEZE_EPOCHS if pretrained else 0
+        notes.append(f"train.freeze_epochs auto: {freeze}")
+    if scale == "auto":
+        scale = PRETRAINED_BACKBONE_LR_SCALE if pretrained else 1.0
+        notes.append(f"train.backbone_lr_scale auto: {scale:g}")
+    if freeze >= epochs:
+        notes.append(f"train.freeze_epochs = {freeze} covers all {epochs} epochs: only the classifier trains")
+    return freeze, scale

@@ -254,6 +254,18 @@ def log_warm_start(report: dict[str, Any], resolved: str) -> None:
     mlflow.log_dict(report, "train/warm_start.json")
 
 
+def log_pretrained(weights: Any) -> None:
+    """Which pretrained weights a timm model started from (backbones.Weights): what train.pretrained resolved
+    to, the file read and its sha256, so a run can be traced to the exact bytes."""
+    mlflow.set_tags(
+        {
+            "pretrained.source": weights.source,
+            "pretrained.file": str(weights.file),
+            "pretrained.sha256": weights.sha256,
+        }
+    )
+
+
 def write_run_file(path: Path, run_id: str) -> None:
     with atomic_path(path) as temp:
         temp.write_text(json.dumps({"run_id": run_id}, indent=2) + "\n")

@@ -20,14 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from image_classifier.augment import augment
+from image_classifier.augment import augment, mix, photo_augment
+from image_classifier.backbones import Weights
 from image_classifier.data import Split
 from image_classifier.device import autocast_dtype
 from image_classifier.distributed import max_across, rank_and_world, sum_across
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_path, save_tensors
 from image_classifier.models import build_model, predict_logits, to_float
-from image_classifier.optim import class_weights, make_ema, make_optimizer, make_scheduler, warmup_epochs
+from image_classifier.optim import (
+    class_weights,
+    make_ema,
+    make_optimizer,
+    make_scheduler,
+    set_backbone_trainable,
+    warmup_epochs,
+)
 from image_classifier.params import TrainParams
 from image_classifier.plan import TrainingPlan, batch_starts, plan_training
 from image_classifier.plots import save_training_curves
@@ -143,9 +151,11 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] = lambda stats: None,
     init_weights: Path | None = None,
     on_step: Callable[[int, nn.Module], None] | None = None,
+    pretrained: Weights | None = None,
 ) -> TrainResult:
     """Train `model_config`'s model; resume from `checkpoint_path` if an earlier run left one there, else start
-    from the matching tensors of `init_weights` (a warm start, see warm_start.py) if given.
+    from the matching tensors of `init_weights` (a warm start, see warm_start.py) if given, else from a timm
+    model's `pretrained` weights if given.
 
     `on_step(step, model)` runs after every optimiser step with the model validation uses (the benchmark
     probes validation accuracy there).
@@ -154,7 +164,9 @@ def train(
     """
     rank, world = rank_and_world()
     image_size = train_split.images.shape[-1]
-    plan = plan_training(params, len(train_split), world, image_size, model_config["model"])
+    plan = plan_training(
+        params, len(train_split), world, image_size, model_config["model"], pretrained is not None
+    )
     if rank == 0 and plan.notes:
         print("\n".join(plan.notes))
     torch.manual_seed(params.seed)
@@ -173,13 +185,14 @@ def train(
         if rank == 0:
             print("\n".join(warm_start.lines()))
     else:
-        model = build_model(model_config)
+        model = build_model(model_config, None if checkpoint_path.is_file() else pretrained)
     model = model.to(device, memory_format=memory_format)
     ema = make_ema(model, params.ema_decay) if params.ema else None
     eval_model = ema.module if ema else model  # what validation scores and the stage saves
-    optimizer = make_optimizer(params, model, plan.lr)  # always fresh: a warm start takes weights only
+    optimizer = make_optimizer(params, plan, model)  # always fresh: a warm start takes weights only
     starts = batch_starts(len(train_split), plan.batch_size, world)
-    scheduler = make_scheduler(params, optimizer, plan.epochs * len(starts), plan.lr)
+    scheduler = make_scheduler(params, optimizer, plan.epochs * len(starts))
+    mixing = mix(params, len(model_config["classes"]))
     images, labels = train_split.images.to(device), train_split.labels.to(device)
     val_images, val_labels = val_split.images.to(device), val_split.labels.to(device)
     loss_weights = None
@@ -210,24 +223,35 @@ def train(
             for stats in history:  # so a new tracking run still holds the whole history
                 on_epoch(stats)
 
-    step_model: nn.Module = model
-    if world > 1:
-        step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
+    def wrap(model: nn.Module) -> nn.Module:
+        """The model as the training step calls it: under DDP and torch.compile when asked. Built again when
+        the backbone is unfrozen: DDP only synchronises the parameters that needed gradients when it was made."""
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None
+            )
+        return torch.compile(model, mode=params.compile) if params.compile != "none" else model
+
+    frozen = plan.freeze_epochs >= first_epoch
+    set_backbone_trainable(optimizer, not frozen)
+    step_model = wrap(model)
     compile_seconds = 0.0
-    if params.compile != "none":
-        step_model = torch.compile(step_model, mode=params.compile)
 
     def train_step(
         batch_images: torch.Tensor, batch_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_images = augment(batch_images, plan.crop_padding, params.flip, augment_generator)
-        inputs = to_float(batch_images).contiguous(memory_format=memory_format)
+        if plan.augment == "photo":
+            inputs = photo_augment(batch_images, params, augment_generator)
+        else:
+            inputs = to_float(augment(batch_images, plan.crop_padding, params.flip, augment_generator))
+        inputs = inputs.contiguous(memory_format=memory_format)
+        targets = batch_labels
+        if mixing:  # soft labels; accuracy below still counts the hard ones
+            inputs, targets = mixing(inputs, batch_labels)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = step_model(inputs)
             loss = F.cross_entropy(
-                logits.float(), batch_labels, weight=loss_weights, label_smoothing=params.label_smoothing
+                logits.float(), targets, weight=loss_weights, label_smoothing=params.label_smoothing
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -240,6 +264,12 @@ def train(
     stopped_early = False
     last_saved, saved_epoch = -math.inf, first_epoch - 1
     for epoch in range(first_epoch, plan.epochs + 1):
+        if frozen and epoch > plan.freeze_epochs:
+            frozen = False
+            set_backbone_trainable(optimizer, True)
+            step_model = wrap(model)
+            if rank == 0:
+                print(f"epoch {epoch}: the backbone is unfrozen (train.freeze_epochs = {plan.freeze_epochs})")
         model.train()
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
