@@ -40,7 +40,7 @@ def main() -> None:
             params.train, meta.dataset, meta.image_shape, meta.classes, meta.mean, meta.std
         )
         model, width = model_config["model"], model_config["width"]
-        if lead and "auto" in (params.train.model, params.train.width):
+        if lead and (params.train.model == "auto" or (width and params.train.width == "auto")):
             print(f"train.model auto: {model}" + (f", width {width}" if width else ""))
         if lead and pretrained:
             print(pretrained.line())

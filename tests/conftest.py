@@ -17,6 +17,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+# No test may reach the Hugging Face Hub: huggingface_hub reads this once, when it is first imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import pytest
 import torch
 import yaml

@@ -43,7 +43,8 @@ class Weights:
     config: dict[str, Any] = field(default_factory=dict)  # pretrained config shipped with them (mean, std...)
 
     def line(self) -> str:
-        return f"pretrained weights: {self.source} ({self.file}), sha256 {self.sha256}"
+        where = "" if self.source == str(self.file) else f" ({self.file})"
+        return f"pretrained weights: {self.source}{where}, sha256 {self.sha256}"
 
 
 def is_timm(model: str) -> bool:
@@ -107,21 +108,65 @@ def create(
     name = architecture(model)
     if weights is None:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    # `source` and the Hub id are cleared so timm reads the file rather than the location it would download from.
-    overlay = {**weights.config, "file": str(weights.file), "source": "", "hf_hub_id": None, "url": None}
+    # Loaded with the file's own classifier, so timm loads strictly (with another class count it drops the
+    # classifier and loads whatever names match, silently); then the classifier is replaced for our classes.
+    # `source` and the Hub id are cleared so timm reads the file rather than where it would download from.
+    file_classes = _classifier_rows(weights, model)
+    overlay = {
+        **weights.config,
+        "file": str(weights.file),
+        "source": "",
+        "hf_hub_id": None,
+        "url": None,
+        "num_classes": file_classes,
+    }
     try:
-        return timm.create_model(
+        network = timm.create_model(
             name,
             pretrained=True,
             pretrained_cfg_overlay=overlay,
-            num_classes=num_classes,
+            num_classes=file_classes,
             in_chans=in_chans,
             **kwargs,
         )
     except RuntimeError as error:
         raise UserError(f"train.pretrained: {weights.file} does not fit {model}: {mismatch(error)}") from None
-    except Exception as error:  # unreadable: not safetensors, refused pickle, truncated
-        raise UserError(f"train.pretrained: {weights.file} cannot be loaded: {load_failure(error)}") from None
+    network.reset_classifier(num_classes)
+    return network
+
+
+def _classifier_rows(weights: Weights, model: str) -> int:
+    """How many classes the file's classifier has (0 for a file without one: a bare backbone)."""
+    classifier = default_config(model).get("classifier") or "head"
+    classifier = classifier if isinstance(classifier, str) else classifier[0]
+    shapes = weight_shapes(weights.file)
+    shape = shapes.get(f"{classifier}.weight") or shapes.get(f"module.{classifier}.weight")
+    return shape[0] if shape else 0
+
+
+def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in a weights file, read without running code: a safetensors header, or
+    `torch.load(weights_only=True)` (memory-mapped) unwrapped as timm unwraps training checkpoints."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), "pt") as opened:
+                return {key: tuple(opened.get_slice(key).get_shape()) for key in opened.keys()}  # noqa: SIM118
+        import torch
+
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # not safetensors, refused pickle, truncated
+        raise UserError(f"train.pretrained: {file} cannot be loaded: {load_failure(error)}") from None
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise UserError(
+            f"train.pretrained: {file} holds a {type(state).__name__}, not a state dict of tensors"
+        )
+    return {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
 
 
 def mismatch(error: RuntimeError) -> str:
@@ -241,7 +286,8 @@ def _from_url(url: str, cfg: dict[str, Any] | None = None) -> Weights:
             raise UserError(f"train.pretrained: {url} is corrupted: {' '.join(str(error).split())}") from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", None) or error
-            raise UserError(f"train.pretrained: cannot download {url}: {reason}") from None
+            status = f"HTTP {error.code} " if isinstance(error, urllib.error.HTTPError) else ""
+            raise UserError(f"train.pretrained: cannot download {url}: {status}{reason}") from None
     digest = sha256(file)
     if expected and not digest.startswith(expected):
         raise UserError(

@@ -76,12 +76,14 @@ def make_scheduler(
     """Stepped once per batch; each parameter group peaks at its own learning rate. One-cycle warms up over the
     first quarter, then anneals linearly to ~0; cosine warms up linearly as long, then follows a cosine to 0."""
     peaks = [group["lr"] for group in optimizer.param_groups]
-    if params.schedule == "onecycle":
+    if params.schedule == "onecycle" and total_steps >= 3:
+        # OneCycleLR divides by zero when its warm-up is under two steps: a run of a handful of steps warms up
+        # for two (and one of fewer than three steps keeps a constant rate).
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=peaks,
             total_steps=total_steps,
-            pct_start=ONECYCLE_WARMUP,
+            pct_start=max(ONECYCLE_WARMUP, 2 / total_steps),
             anneal_strategy="linear",
         )
     if params.schedule == "cosine":

@@ -44,6 +44,9 @@ from image_classifier.warm_start import WarmStartReport, load_initial_weights
 # A resumable checkpoint at most this often: an epoch of a 200-image folder takes a tenth of a second, and
 # writing a checkpoint every epoch cost 2.7 s of its 278 epochs. An interruption loses at most this much work.
 CHECKPOINT_SECONDS = 1.0
+# oneDNN's bf16 kernels on AMX CPUs have produced NaNs for some small shapes (deep networks on tiny images;
+# oneDNN issue #5717): a NaN in bf16 on a CPU may not be the learning rate's fault.
+BF16_CPU_HINT = " or set train.precision: fp32 (bf16 on this CPU)"
 
 
 @dataclass
@@ -307,7 +310,7 @@ def train(
             )
             raise UserError(
                 f"loss became non-finite at epoch {epoch}, step {first_bad_step.item()}; training stopped, "
-                f"{kept}; lower train.lr"
+                f"{kept}; lower train.lr{BF16_CPU_HINT if dtype and device.type == 'cpu' else ''}"
             )
         val_loss, val_accuracy = _validate(eval_model, val_images, val_labels, dtype)
         _synchronize(device)
