@@ -6,11 +6,9 @@ test_resnet and test_vit are timm's own tiny test networks (0.4M parameters), fa
 """
 
 import hashlib
-import http.server
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -195,44 +193,25 @@ def test_a_hub_id_missing_from_the_cache_offline_says_how_to_fetch_it(offline_ca
         backbones.resolve_weights("hf-hub:someone/model", "timm:test_resnet")
 
 
-@pytest.fixture
-def weights_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """An HTTP server on 127.0.0.1 serving the folder it returns."""
-    served = tmp_path / "served"
-    served.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, directory=str(served), **kwargs)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", served
-    server.shutdown()
-
-
 def test_a_url_downloads_once_and_checks_the_hash_in_its_name(
-    tmp_path: Path, weights_server: tuple[str, Path], offline_cache: Path
+    tmp_path: Path, server: SimpleNamespace, offline_cache: Path
 ) -> None:
-    base, served = weights_server
+    base, served = server.url, server.root
     weights_file(tmp_path / "w.safetensors")
     data = (tmp_path / "w.safetensors").read_bytes()
     name = f"test_resnet-{hashlib.sha256(data).hexdigest()[:8]}.safetensors"  # torch.hub's naming
     (served / name).write_bytes(data)
     weights = backbones.resolve_weights(f"{base}/{name}", "timm:test_resnet")
     assert weights.file.parent.parent == offline_cache and weights.file.read_bytes() == data
-    (served / name).unlink()  # the second time, the cache serves
     assert backbones.resolve_weights(f"{base}/{name}", "timm:test_resnet").sha256 == weights.sha256
+    assert server.requests == [f"/{name}"]  # the second time, the cache served
     build_model(config(), weights)
 
 
 def test_a_corrupted_download_is_refused_and_not_kept(
-    tmp_path: Path, weights_server: tuple[str, Path], offline_cache: Path
+    tmp_path: Path, server: SimpleNamespace, offline_cache: Path
 ) -> None:
-    base, served = weights_server
+    base, served = server.url, server.root
     weights_file(tmp_path / "w.safetensors")
     data = (tmp_path / "w.safetensors").read_bytes()
     name = f"test_resnet-{hashlib.sha256(data).hexdigest()[:8]}.safetensors"
@@ -248,8 +227,8 @@ def test_a_corrupted_download_is_refused_and_not_kept(
         backbones.resolve_weights(f"{base}/{name}", "timm:test_resnet")
 
 
-def test_an_unreachable_url_fails_in_one_line(weights_server: tuple[str, Path]) -> None:
-    base, _ = weights_server
+def test_an_unreachable_url_fails_in_one_line(server: SimpleNamespace) -> None:
+    base = server.url
     with pytest.raises(UserError, match=r"cannot download .*missing-0123abcd.pth: HTTP 404"):
         backbones.resolve_weights(f"{base}/missing-0123abcd.pth", "timm:test_resnet")
 
