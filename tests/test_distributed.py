@@ -55,3 +55,16 @@ def test_two_processes_match_one_and_only_rank_zero_reports(repo: Path) -> None:
     }
     assert not list((repo / "data/resume").glob("*.pt"))
     assert distributed["best_val_accuracy"] == pytest.approx(single["best_val_accuracy"], abs=0.01)
+
+
+def test_a_timm_model_unfreezes_under_two_processes(repo: Path) -> None:
+    # DDP only synchronises the parameters that needed gradients when it was built, so train.py wraps the model
+    # again when the backbone is unfrozen; this checks that the rewrapped step trains on under torchrun.
+    raw = subset_params(2)
+    raw["train"].update(model="timm:test_resnet", epochs=2, freeze_epochs=1, precision="fp32")
+    write_params(repo, raw)
+    output = run(["python", "stages/train.py"], cwd=repo).stdout
+    assert output.count("epoch 2: the backbone is unfrozen") == 1  # rank 0 alone says it
+    assert "epoch 2/2:" in output
+    metrics = json.loads((repo / "reports/train/metrics.json").read_text())
+    assert metrics["epochs_trained"] == 2 and metrics["best_val_accuracy"] > 0.5
