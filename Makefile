@@ -14,12 +14,14 @@ SERVE_STORE = $(or $(MLFLOW_TRACKING_URI),$(STORE))
 TEAM_STORE ?= $(HOME)/mlflow-team
 TEAM_HOST ?= 127.0.0.1
 TEAM_ALLOWED_HOSTS ?=
+# `make pretrained`: the timm architectures whose published weights to download into the cache.
+ARCH ?= timm:resnet18
 # `make example-folder`: where the example image folder goes and how many images it gets.
 EXAMPLE_DEST ?= data/images
 EXAMPLE_COUNT ?= 300
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-test repro test test-fast lint format bench ui team-server serve predict example-folder clean
+.PHONY: help setup setup-test repro test test-fast lint format bench ui team-server serve predict example-folder pretrained clean
 
 help: ## List the common commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -68,6 +70,9 @@ predict: ## Classify the first test images with the trained model (predict --hel
 
 example-folder: setup ## Real example images: Fashion-MNIST PNGs in data/images/<class>/ (EXAMPLE_COUNT=300)
 	python scripts/make_example_folder.py --dest $(EXAMPLE_DEST) --count $(EXAMPLE_COUNT)
+
+pretrained: setup ## Download timm weights into ~/.cache/image-classifier (ARCH="timm:resnet18 timm:convnext_nano")
+	python scripts/fetch_pretrained.py $(ARCH)
 
 clean: ## Remove pipeline outputs from the workspace (the DVC cache and mlruns/ stay)
 	rm -rf data/processed data/raw data/resume models reports/*/*.png

@@ -226,7 +226,7 @@ def _published(model: str) -> Weights:
 
 def _from_hub(repo_id: str, filename: str | None = None, cfg: dict[str, Any] | None = None) -> Weights:
     """Weights from the Hugging Face Hub, or from the cache alone when offline (HF_HUB_OFFLINE=1)."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import (
         LocalEntryNotFoundError,
         RemoteEntryNotFoundError,
@@ -236,6 +236,12 @@ def _from_hub(repo_id: str, filename: str | None = None, cfg: dict[str, Any] | N
     cache = paths.pretrained_cache() / "huggingface"
     file, offline = None, False
     for name in [filename] if filename else WEIGHT_FILES:
+        if offline:  # the Hub did not answer (it retries for half a minute): only the cache can help now
+            cached = try_to_load_from_cache(repo_id, name, cache_dir=cache)
+            file = Path(cached) if isinstance(cached, str) else None
+            if file:
+                break
+            continue
         try:
             file = Path(hf_hub_download(repo_id, name, cache_dir=cache))
             break
@@ -248,7 +254,7 @@ def _from_hub(repo_id: str, filename: str | None = None, cfg: dict[str, Any] | N
     if file is None and offline:
         raise UserError(
             f"train.pretrained: hf-hub:{repo_id} is not in the cache {cache} and the Hub cannot be reached; "
-            f"on a machine with internet run `make pretrained MODEL=...` and copy {paths.pretrained_cache()}"
+            f"on a machine with internet run `make pretrained ARCH=...` and copy {paths.pretrained_cache()}"
         )
     if file is None:
         raise UserError(f"train.pretrained: hf-hub:{repo_id} holds none of {', '.join(WEIGHT_FILES)}")
