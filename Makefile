@@ -21,7 +21,7 @@ EXAMPLE_DEST ?= data/images
 EXAMPLE_COUNT ?= 300
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-test repro test test-fast lint format bench ui team-server serve predict example-folder pretrained clean
+.PHONY: help setup setup-test repro test test-fast lint format bench bench-timm ui team-server serve predict example-folder pretrained clean
 
 help: ## List the common commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ format: setup-test ## Reformat the code with ruff
 
 bench: setup ## Measure speed against the PyTorch quickstart; prints a markdown table
 	python benchmarks/bench.py
+
+bench-timm: setup ## timm:resnet18: our loop against timm's train.py (TIMM_TRAIN=path/to/train.py), a fine-tune
+	python benchmarks/bench_timm.py $(if $(TIMM_TRAIN),--timm-train $(TIMM_TRAIN))
 
 ui: setup ## MLflow UI over the local store on http://127.0.0.1:5000 (PORT=...)
 	@mkdir -p mlruns/artifacts
