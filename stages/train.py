@@ -13,6 +13,10 @@ from image_classifier.errors import run_cli
 def main() -> None:
     params = params_module.load()
     # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
+    from image_classifier.backbones import check_architecture, is_timm
+
+    if is_timm(params.train.model):  # an unknown timm name fails before MLflow and the data are touched
+        check_architecture(params.train.model)
 
     from image_classifier import distributed, paths, tracking
     from image_classifier.calibration import calibrated_state

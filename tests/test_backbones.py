@@ -366,3 +366,14 @@ def test_each_colour_operation_changes_only_the_images_that_drew_it() -> None:
     assert torch.allclose(
         posterized, (posterized / 32).round() * 32, atol=1e-3
     )  # 8 - round(0.8 * 6) = 3 bits
+
+
+def test_a_timm_model_warm_starts_from_an_earlier_one_with_other_classes(tmp_path: Path) -> None:
+    from image_classifier.warm_start import load_initial_weights
+
+    earlier = build_model({**config(), "classes": ["a", "b", "c"]})
+    torch.save(earlier.state_dict(), tmp_path / "earlier.pt")
+    model, report = load_initial_weights(config(), tmp_path / "earlier.pt")
+    assert torch.equal(model.network.conv1[0].weight, earlier.network.conv1[0].weight)
+    assert "network.fc.weight" in " ".join(report.skipped)  # 3 classes there, 10 here: a fresh classifier
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, len(TINY_MODEL_CONFIG["classes"]))
