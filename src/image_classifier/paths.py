@@ -34,6 +34,9 @@ ONNX_FILE = EXPORT_DIR / "model.onnx"
 PT2_FILE = EXPORT_DIR / "model.pt2"
 EXPORT_METRICS = Path("reports/export/metrics.json")
 
+TUNE_SPACE = Path("tune.yaml")  # `tune`'s search space
+TUNE_STORAGE = Path("mlruns/optuna.db")  # its default study storage: beside the MLflow store, not in git
+
 
 def pretrained_cache() -> Path:
     """Where downloaded pretrained weights are kept (timm models): $IMAGE_CLASSIFIER_CACHE, else

@@ -1,0 +1,193 @@
+"""`tune`: the search space's checks, a study with pruning whose winner `dvc exp run` reproduces, two processes
+on one study, and Ctrl-C then resume. The studies run on a 2,000-image Fashion-MNIST subset, 3 epochs a trial."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import FASHION_DIR, REPO, copy_repo, default_params, run, tiny_params_dict, write_params
+
+from image_classifier.errors import UserError
+from image_classifier.search_space import load_space
+
+BIN = Path(sys.executable).parent
+SPACE = "train.lr: {low: 0.001, high: 2.0, log: true}\ntrain.width: {choices: [4, 8]}\n"
+
+
+# --- the search space ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train.lrr: {low: 0.1, high: 1}", "'train.lrr' is not a train.* param or data.image_size"),
+        ("preprocess.seed: {choices: [1, 2]}", "'preprocess.seed' is not a train.* param"),
+        ("train.lr: 0.1", "train.lr must be {low: ..., high: ...} or {choices: [...]}"),
+        ("train.lr: {low: 0.5, high: 0.1}", "train.lr: low (0.5) must be below high (0.1)"),
+        ("train.lr: {low: 0, high: 1, log: true}", "train.lr: a log scale needs low > 0"),
+        ("train.lr: {low: 0.1, high: 20}", "train.lr = 20 is out of range; allowed: a number in (0, 10]"),
+        ("train.optimizer: {choices: [sgd, adam]}", "train.optimizer = 'adam' is not allowed"),
+        ("train.lr: {low: 0.1, hi: 1}", "train.lr.hi: Extra inputs are not permitted"),
+        ("train.lr: {choices: []}", "train.lr.choices: List should have at least 1 item"),
+        ("[1, 2]", "must map param keys"),
+        ("train.lr: {low: 0.1, high: [", "not YAML"),
+    ],
+)
+def test_a_bad_search_space_fails_in_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "tune.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as caught:
+        load_space(path, tiny_params_dict())
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_repositorys_search_space_is_valid() -> None:
+    space = load_space(REPO / "tune.yaml", default_params())
+    assert "train.lr" in space
+
+
+def test_the_command_refuses_a_bad_space_with_exit_status_2(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("train.lr: {low: 0.1, high: 20}\n")
+    done = subprocess.run(
+        [BIN / "tune", "--trials", "1", "--space", str(tmp_path / "bad.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "train.lr = 20 is out of range" in done.stderr
+
+
+# --- studies ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not FASHION_DIR.is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    repo = copy_repo(tmp_path_factory.mktemp("tune") / "repo")
+    raw = default_params()
+    raw["preprocess"].update(val_size=500, train_subset=2000)
+    raw["train"].update(epochs=3, width=8)
+    write_params(repo, raw)
+    (repo / "tune.yaml").write_text(SPACE)
+    run(["git", "commit", "-qam", "a small study"], cwd=repo)
+    run(["dvc", "repro", "preprocess"], cwd=repo)
+    return repo
+
+
+def tune(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([str(BIN / "tune"), *args], cwd=repo)
+
+
+def study_trials(repo: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{repo}/mlruns/optuna.db").trials
+
+
+def mlflow_runs(repo: Path, study: str) -> list[dict]:
+    """Every run of the study: id, status and its tags, straight from the store."""
+    with sqlite3.connect(repo / "mlruns/mlflow.db") as db:
+        ids = [
+            row[0]
+            for row in db.execute(
+                "select run_uuid from tags where key = 'tune.study' and value = ?", (study,)
+            )
+        ]
+        runs = []
+        for run_id in ids:
+            status = db.execute("select status from runs where run_uuid = ?", (run_id,)).fetchone()[0]
+            tags = dict(db.execute("select key, value from tags where run_uuid = ?", (run_id,)).fetchall())
+            params = dict(
+                db.execute("select key, value from params where run_uuid = ?", (run_id,)).fetchall()
+            )
+            runs.append({"id": run_id, "status": status, "tags": tags, "params": params})
+        return runs
+
+
+@pytest.mark.slow
+def test_a_study_prunes_logs_each_trial_and_its_winner_reproduces(repo: Path) -> None:
+    output = tune(repo, "--trials", "4", "--seed", "0", "--study", "s").stdout
+    trials = study_trials(repo, "s")
+    states = [trial.state.name for trial in trials]
+    assert len(trials) == 4 and "PRUNED" in states and "COMPLETE" in states
+
+    runs = mlflow_runs(repo, "s")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert len(parents) == 1 and len(children) == 4
+    assert {r["tags"]["mlflow.parentRunId"] for r in children} == {parents[0]["id"]}
+    assert sorted(r["tags"]["tune.state"] for r in children) == sorted(states)
+    assert all("train.lr" in r["params"] for r in children)
+    assert {r["status"] for r in children if r["tags"]["tune.state"] == "PRUNED"} == {"KILLED"}
+    assert parents[0]["tags"]["tune.best_trial"] == str(
+        max((t for t in trials if t.value is not None), key=lambda t: t.value).number
+    )
+
+    command = output.strip().splitlines()[-1]
+    assert command.startswith("dvc exp run -S ")
+    run(command.split(), cwd=repo)
+    best = max(trial.value for trial in trials if trial.state.name == "COMPLETE")
+    metrics = json.loads((repo / "reports/train/metrics.json").read_text())
+    assert metrics["best_val_accuracy"] == best  # the same training, bit for bit
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study_without_losing_or_repeating_a_trial(repo: Path) -> None:
+    tune_bin = str(BIN / "tune")
+    processes = [
+        subprocess.Popen(
+            [tune_bin, "--trials", "2", "--study", "pair"],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+    trials = study_trials(repo, "pair")
+    assert sorted(trial.number for trial in trials) == [0, 1, 2, 3]
+    assert all(trial.state.name in ("COMPLETE", "PRUNED") for trial in trials)
+    children = [r for r in mlflow_runs(repo, "pair") if "mlflow.parentRunId" in r["tags"]]
+    assert sorted(int(r["tags"]["tune.trial"]) for r in children) == [0, 1, 2, 3]
+    assert len({r["tags"]["mlflow.parentRunId"] for r in children}) == 1  # one parent for both processes
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_trials_and_tune_resumes_the_study(repo: Path) -> None:
+    process = subprocess.Popen(
+        [str(BIN / "tune"), "--trials", "3", "--study", "stopped"],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            trials = study_trials(repo, "stopped")
+        except KeyError:  # the study is not created yet
+            continue
+        if len(trials) == 2:  # the first finished, the second running
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    states = [trial.state.name for trial in study_trials(repo, "stopped")]
+    assert states[0] in ("COMPLETE", "PRUNED") and states[1] == "FAIL"
+    interrupted = [r for r in mlflow_runs(repo, "stopped") if r["tags"].get("tune.trial") == "1"]
+    assert [r["status"] for r in interrupted] == ["KILLED"]
+
+    tune(repo, "--trials", "1", "--study", "stopped")
+    trials = study_trials(repo, "stopped")
+    assert [trial.number for trial in trials] == [0, 1, 2] and trials[2].state.name in ("COMPLETE", "PRUNED")
