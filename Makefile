@@ -14,6 +14,9 @@ SERVE_STORE = $(or $(MLFLOW_TRACKING_URI),$(STORE))
 TEAM_STORE ?= $(HOME)/mlflow-team
 TEAM_HOST ?= 127.0.0.1
 TEAM_ALLOWED_HOSTS ?=
+# `make tune`: how many trials this run adds to which study.
+TRIALS ?= 20
+STUDY ?= default
 # `make pretrained`: the timm architectures whose published weights to download into the cache.
 ARCH ?= timm:resnet18
 # `make example-folder`: where the example image folder goes and how many images it gets.
@@ -21,7 +24,7 @@ EXAMPLE_DEST ?= data/images
 EXAMPLE_COUNT ?= 300
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-test repro test test-fast lint format bench bench-timm ui team-server serve predict example-folder pretrained clean
+.PHONY: help setup setup-test repro test test-fast lint format bench bench-timm ui team-server serve predict example-folder tune pretrained clean
 
 help: ## List the common commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -73,6 +76,9 @@ predict: ## Classify the first test images with the trained model (predict --hel
 
 example-folder: setup ## Real example images: Fashion-MNIST PNGs in data/images/<class>/ (EXAMPLE_COUNT=300)
 	python scripts/make_example_folder.py --dest $(EXAMPLE_DEST) --count $(EXAMPLE_COUNT)
+
+tune: setup ## Hyperparameter search over tune.yaml (TRIALS=20 STUDY=default); prints the winner's dvc exp run
+	tune --trials $(TRIALS) --study $(STUDY)
 
 pretrained: setup ## Download timm weights into ~/.cache/image-classifier (ARCH="timm:resnet18 timm:convnext_nano")
 	python scripts/fetch_pretrained.py $(ARCH)
