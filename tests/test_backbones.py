@@ -377,3 +377,21 @@ def test_a_timm_model_warm_starts_from_an_earlier_one_with_other_classes(tmp_pat
     assert torch.equal(model.network.conv1[0].weight, earlier.network.conv1[0].weight)
     assert "network.fc.weight" in " ".join(report.skipped)  # 3 classes there, 10 here: a fresh classifier
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, len(TINY_MODEL_CONFIG["classes"]))
+
+
+@pytest.mark.parametrize("model", ["timm:test_vit", "timm:test_efficientnet", "timm:test_convnext"])
+def test_other_families_export_to_onnx_and_torch_export_with_parity(tmp_path: Path, model: str) -> None:
+    from image_classifier.export import example_input, export_onnx, export_program, onnx_parity
+
+    cfg = config(model)
+    network = build_model(cfg).eval()
+    example = example_input(cfg)
+    export_onnx(network, example, tmp_path / "m.onnx", 18)
+    export_program(network, example, tmp_path / "m.pt2")
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)  # batches of 16 and 4: dynamic batch
+    parity = onnx_parity(
+        tmp_path / "m.onnx", network, images, batch_size=16, labels=torch.zeros(20, dtype=torch.long)
+    )
+    assert parity["onnx_max_abs_logit_diff"] <= 1e-4 and parity["onnx_checked_images"] == 20
+    program = torch.export.load(tmp_path / "m.pt2").module()
+    assert torch.allclose(program(images[:3].float() / 255), network(images[:3].float() / 255), atol=1e-5)
