@@ -91,6 +91,8 @@ def main() -> None:
                     "width": width,
                     **dataclasses.asdict(result.plan),
                     "stopped_early": result.stopped_early,
+                    "data_in_memory": result.data_mode.in_memory,
+                    "data_mode": result.data_mode.line,
                 }
             )
             if result.warm_start:
