@@ -79,7 +79,7 @@ def free_memory(device: torch.device) -> int:
 
 
 def _size(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
+    for unit in ("B", "kB", "MB", "GB"):
         if nbytes < 1000:
             return f"{nbytes:.3g} {unit}"
         nbytes /= 1000
