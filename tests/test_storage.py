@@ -116,6 +116,7 @@ def stage_dir(tmp_path: Path) -> Path:
     return work
 
 
+@pytest.mark.slow  # runs the fetch and preprocess stage scripts
 def test_killed_preprocess_leaves_no_partial_shard_under_an_outputs_name(tmp_path: Path) -> None:
     work = stage_dir(tmp_path)
     processed = work / "data/processed"
