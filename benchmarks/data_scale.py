@@ -177,7 +177,7 @@ def streamed_epoch(which: str) -> dict:
         "mean": meta.mean,
         "std": meta.std,
     }
-    overrides = {"epochs": 1, "batch_size": 256, "data_in_memory": False, "crop_padding": 0}
+    overrides = {"epochs": 1, "batch_size": 64, "data_in_memory": False, "crop_padding": 0}
     result, _ = _train(overrides, train_split, val_split, config)
     row = result.history[-1]
     return {
@@ -292,7 +292,7 @@ def rows(measure, device: str, count: int) -> list[tuple[str, str, str, str]]:
             "",
         ),
         (
-            f"One streamed training epoch (cnn width 8, batch 256): {count // 4:,} / {n} images "
+            f"One streamed training epoch (cnn width 8, batch 64): {count // 4:,} / {n} images "
             f"({stream_quarter['data_mb']:.0f} / {stream_full['data_mb']:.0f} MB of training images)",
             f"{stream_quarter['seconds']:.1f} s / {stream_full['seconds']:.1f} s; peak memory "
             f"{stream_quarter['peak_rss_mb']:.0f} MB / {stream_full['peak_rss_mb']:.0f} MB",

@@ -1,10 +1,11 @@
 """Decode many image files with every core, in order, straight into one file on disk, with a progress bar.
 
-Each worker process decodes with the same `read_image` that `predict` uses; the results come back in the files'
-order and are written to disk as they arrive, so memory stays bounded whatever the number of images, and the
-bytes written do not depend on the number of workers.
+Each worker process decodes with the same `read_image` that `predict` uses and writes each image straight into its
+place in one output file (its position in the list), so memory stays bounded whatever the number of images, the
+bytes written do not depend on the number of workers, and only a flag per image travels between processes.
 """
 
+import math
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -18,13 +19,12 @@ from tqdm import tqdm
 
 from image_classifier.errors import UserError
 
-# Starting a worker costs about 2 s here (each imports torch and torchvision): below this many images one
-# process decodes them sooner than two could start.
+# Below this many images one process decodes them about as soon as a pool could start and hand them out.
 PARALLEL_FROM = 2_000
 # Files handed to a worker at a time: few round trips, yet the progress bar still moves smoothly.
 CHUNK = 16
-# What decoding one file gives: (error, pixels C×H×W, grey), error None when it decoded.
-Result = tuple[str | None, np.ndarray | None, bool]
+# What decoding one file gives back: (error, grey), error None when it decoded.
+Result = tuple[str | None, bool]
 
 
 @dataclass
@@ -53,24 +53,24 @@ def decode_files(
     """Decode every file of `paths` as uint8 size×size images into `out`, an `.npy` file of len(paths) images in
     `paths` order: 1 channel for `channels` 1, else 3 (for "auto", a grey image's value three times; the
     caller keeps one channel when every image was grey). An unreadable file's place stays black and is named in
-    `failures`."""
+    `failures`. Each worker writes its images into their places itself: only a few bytes per image travel back."""
     depth = 1 if channels == 1 else 3
     shape = (len(paths), depth, size, size)
-    decoded = Decoded(np.zeros(len(paths), bool), np.zeros(len(paths), bool))
-    blank = bytes(depth * size * size)
-    count = worker_count(len(paths), workers)
-    tasks = [(str(path), channels, size) for path in paths]
-    with out.open("wb") as file, _results(tasks, count) as results:
+    with out.open("wb") as file:
         np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        start = file.tell()
+        file.truncate(start + math.prod(shape))  # zeros until written (sparse on disk)
+    record = depth * size * size
+    tasks = [(str(path), channels, size, str(out), start + i * record) for i, path in enumerate(paths)]
+    decoded = Decoded(np.zeros(len(paths), bool), np.zeros(len(paths), bool))
+    with _results(tasks, worker_count(len(paths), workers)) as results:
         # Rate and time left on a terminal; none in a log file (disable=None), where it would be noise.
         bar = tqdm(results, total=len(paths), desc="decoding", unit="img", mininterval=1, disable=None)
-        for position, (error, pixels, grey) in enumerate(bar):
-            if error is not None:
+        for position, (error, grey) in enumerate(bar):
+            if error is None:
+                decoded.ok[position], decoded.grey[position] = True, grey
+            else:
                 decoded.failures.append(error)
-                file.write(blank)
-                continue
-            decoded.ok[position], decoded.grey[position] = True, grey
-            file.write(np.broadcast_to(pixels, shape[1:]).tobytes())
         bar.close()
     return decoded
 
@@ -89,9 +89,14 @@ def _results(tasks: list[tuple[str, int | str, int]], workers: int) -> Iterator[
             yield map(decode_one, tasks)
         finally:
             torch.set_num_threads(threads)
+            _close_outputs()
         return
-    # spawn, not fork: the parent may already run torch's thread pools, which a forked child inherits broken.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
+    # fork, as torch's DataLoader does (a spawned worker spends seconds importing torch again), with one torch
+    # thread in each worker, as DataLoader's have: a forked child must not use the parent's OpenMP thread pool.
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    )
+    with context.Pool(workers, initializer=_one_thread) as pool:
         yield pool.imap(decode_one, tasks, chunksize=CHUNK)  # leaving the block terminates every worker
 
 
@@ -101,14 +106,31 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # one process per core: threads inside each would only compete
 
 
-def decode_one(task: tuple[str, int | str, int]) -> Result:
-    """(error, pixels, grey) for one file: pixels uint8 C×size×size, or the reason it cannot be decoded."""
+def decode_one(task: tuple[str, int | str, int, str, int]) -> Result:
+    """(error, grey) for one file, whose pixels (uint8 C×size×size) are written into the output at `offset`."""
     from image_classifier.images import read_image
 
-    path, channels, size = task
+    path, channels, size, out, offset = task
     try:
         image = read_image(Path(path), channels, (size, size))
     except UserError as error:
-        return str(error), None, False
-    grey = channels == "auto" and image.shape[0] == 1
-    return None, image.numpy(), grey
+        return str(error), False
+    depth = 1 if channels == 1 else 3
+    os.pwrite(_output(out), np.broadcast_to(image.numpy(), (depth, size, size)).tobytes(), offset)
+    return None, channels == "auto" and image.shape[0] == 1
+
+
+# This process's descriptors of output files, by path and inode (a new file at the same path is another file).
+_outputs: dict[tuple[str, int], int] = {}
+
+
+def _output(path: str) -> int:
+    key = (path, os.stat(path).st_ino)
+    if key not in _outputs:
+        _outputs[key] = os.open(path, os.O_WRONLY)
+    return _outputs[key]
+
+
+def _close_outputs() -> None:
+    while _outputs:
+        os.close(_outputs.popitem()[1])
