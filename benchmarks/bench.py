@@ -1,6 +1,7 @@
 """Speed benchmark: our train path against the PyTorch quickstart as its tutorial writes it.
 
     make bench                      # or: python benchmarks/bench.py [--skip-tutorial] [--rounds 3]
+    python benchmarks/bench.py --data-scale    # opt-in: data bigger than memory (benchmarks/data_scale.py)
 
 Prints a markdown table. Every measurement runs in a fresh child process (same start-up for each, and the
 child's peak memory is read from the OS); run it on an otherwise idle machine: other load distorts timings.
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import data_scale
 
 REPO = Path(__file__).resolve().parent.parent
 THRESHOLDS = (0.90, 0.91, 0.92)
@@ -180,7 +183,7 @@ def preprocess_all() -> dict:
     params = params_module.load(REPO / "params.yaml")
     spec = get_dataset(params.data.dataset)
     with tempfile.TemporaryDirectory() as out:
-        files = {name: Path(out) / f"{name}.pt" for name in ("train", "val", "test")}
+        files = {name: Path(out) / name for name in ("train", "val", "test")}
         started = time.perf_counter()
         preprocess(
             spec.name,
@@ -271,6 +274,7 @@ MEASUREMENTS = {
     "short-compiled": lambda device: our_train({**SHORT, "compile": "default"}, device, val_size=5000),
     "preprocess": lambda device: preprocess_all(),
     "small-folder": lambda device: small_folder_pipeline(device),
+    **data_scale.MEASUREMENTS,
 }
 
 
@@ -345,8 +349,14 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="rounds of the tutorial and fp32 recipe rows (default 3)"
     )
+    parser.add_argument("--data-scale", action="store_true", help="only the data-bigger-than-memory rows")
+    parser.add_argument("--scale-images", type=int, default=50_000, help="JPEGs to generate (--data-scale)")
+    parser.add_argument(
+        "--scale-dir", default="/var/tmp/bench-scale", help="where --data-scale keeps its folder and shards"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ.setdefault("BENCH_SCALE_DIR", args.scale_dir)  # the children read it
     if args.child:
         print(json.dumps(MEASUREMENTS[args.child](args.device)))
         return
@@ -356,6 +366,10 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not (REPO / "data/raw").is_dir():
         raise SystemExit("data/raw is missing: run `dvc repro fetch` (or `make repro`) first")
+    if args.data_scale:
+        Path(args.scale_dir).mkdir(parents=True, exist_ok=True)
+        print_table(device, data_scale.rows(measure, device, args.scale_images), compared="Compared")
+        return
     rows = []
     compared = ("recipe", "recipe-raw") if args.skip_tutorial else ("tutorial", "recipe", "recipe-raw")
     rounds = [{name: measure(name, device) for name in compared} for _ in range(max(1, args.rounds))]
@@ -496,8 +510,14 @@ def main() -> None:
         )
     )
 
+    print_table(device, rows)
+
+
+def print_table(device: str, rows: list[tuple[str, ...]], compared: str = "vs tutorial") -> None:
+    import torch
+
     print(f"\n{machine(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
-    print("| Measurement | Time | Test accuracy | vs tutorial |")
+    print(f"| Measurement | Time | Test accuracy | {compared} |")
     print("|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

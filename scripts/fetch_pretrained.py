@@ -14,9 +14,13 @@ from image_classifier.errors import run_cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("models", nargs="+", help="timm:<architecture>, as train.model names it")
-    parser.add_argument("--weights", default="default", help="what train.pretrained will say (default: default)")
+    parser.add_argument(
+        "--weights", default="default", help="what train.pretrained will say (default: default)"
+    )
     args = parser.parse_args()
     for model in args.models:
         model = model if backbones.is_timm(model) else f"{backbones.PREFIX}{model}"

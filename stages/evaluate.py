@@ -15,7 +15,7 @@ def main() -> None:
 
     tracking.connect(params.tracking)
     model, config = load_model(paths.MODEL_FILE)
-    test = load_split(paths.SPLIT_FILES["test"])
+    test = load_split(paths.SPLIT_DIRS["test"])
     outputs = {
         "metrics": paths.EVAL_METRICS,
         "predictions": paths.PREDICTIONS_CSV,
@@ -31,8 +31,8 @@ def main() -> None:
             test,
             config["dataset"],
             "test",
-            paths.SPLIT_FILES["test"],
-            tracking.file_md5(paths.SPLIT_FILES["test"]),
+            paths.SPLIT_DIRS["test"],
+            tracking.file_md5(paths.SPLIT_DIRS["test"]),
         )
         tracking.log_results(
             flat_metrics(metrics, "test"),

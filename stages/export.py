@@ -23,7 +23,7 @@ def main() -> None:
         temp.write_text(json.dumps(config, indent=2) + "\n")
     export_onnx(model, example, paths.ONNX_FILE, params.export.opset)
     export_program(model, example, paths.PT2_FILE)
-    test = load_split(paths.SPLIT_FILES["test"])
+    test = load_split(paths.SPLIT_DIRS["test"])
     parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)
     if parity["onnx_max_abs_logit_diff"] > params.export.max_logit_diff:
         raise UserError(

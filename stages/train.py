@@ -39,7 +39,7 @@ def main() -> None:
             tracking.connect(params.tracking)  # fail now, not after training, if the store is unreachable
 
         meta = Meta.load(paths.META_FILE)
-        train_split, val_split = load_split(paths.SPLIT_FILES["train"]), load_split(paths.SPLIT_FILES["val"])
+        train_split, val_split = load_split(paths.SPLIT_DIRS["train"]), load_split(paths.SPLIT_DIRS["val"])
         model_config, pretrained = model_config_for(
             params.train, meta.dataset, meta.image_shape, meta.classes, meta.mean, meta.std
         )
@@ -49,8 +49,8 @@ def main() -> None:
         if lead and pretrained:
             print(pretrained.line())
         data_files = {
-            "train": paths.SPLIT_FILES["train"],
-            "val": paths.SPLIT_FILES["val"],
+            "train": paths.SPLIT_DIRS["train"],
+            "val": paths.SPLIT_DIRS["val"],
             "meta": paths.META_FILE,
         }
         init_weights, init_what = None, ""
@@ -75,13 +75,13 @@ def main() -> None:
         if not lead:
             run_training()
             return
-        tags = tracking.source_tags({**data_files, "test": paths.SPLIT_FILES["test"]}, describe(device))
+        tags = tracking.source_tags({**data_files, "test": paths.SPLIT_DIRS["test"]}, describe(device))
         with tracking.start_run(params.flat(), tags) as run_id:
             tracking.log_dataset(
-                train_split, meta.dataset, "train", paths.SPLIT_FILES["train"], tags["data.train.md5"]
+                train_split, meta.dataset, "train", paths.SPLIT_DIRS["train"], tags["data.train.md5"]
             )
             tracking.log_dataset(
-                val_split, meta.dataset, "val", paths.SPLIT_FILES["val"], tags["data.val.md5"]
+                val_split, meta.dataset, "val", paths.SPLIT_DIRS["val"], tags["data.val.md5"]
             )
             result = run_training(on_epoch=tracking.log_epoch)
             tracking.log_resolved(
@@ -90,6 +90,8 @@ def main() -> None:
                     "width": width,
                     **dataclasses.asdict(result.plan),
                     "stopped_early": result.stopped_early,
+                    "data_in_memory": result.data_mode.in_memory,
+                    "data_mode": result.data_mode.line,
                 }
             )
             if result.warm_start:

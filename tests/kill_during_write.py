@@ -3,8 +3,8 @@ the worst moment, made repeatable.
 
     python tests/kill_during_write.py WRITER N stages/<stage>.py
 
-WRITER is the writer to interrupt, N which of its calls: `torch.save` (splits, checkpoints, weights) or `fetch`
-(the verified copy of a data-set file). The first N-1 calls run normally; call N writes half of its bytes to the
+WRITER is the writer to interrupt, N which of its calls: `torch.save` (checkpoints, weights), `shard` (a stored
+split's label and image files, storage.write_array) or `fetch` (the verified copy of a data-set file). The first N-1 calls run normally; call N writes half of its bytes to the
 path it was given, flushes them to disk, and the process kills itself with SIGKILL, so nothing can clean up. If the
 stage finishes first, this exits with status 3.
 """
@@ -57,6 +57,21 @@ def main() -> None:
             write_half_and_die(f, buffer.getvalue())
 
         torch.save = killing_save
+    elif writer == "shard":
+        from image_classifier import storage
+
+        write_array = storage.write_array
+
+        def killing_write_array(path, array):
+            if not is_target():
+                return write_array(path, array)
+            import numpy
+
+            buffer = io.BytesIO()
+            numpy.lib.format.write_array(buffer, numpy.ascontiguousarray(array), allow_pickle=False)
+            write_half_and_die(path, buffer.getvalue())
+
+        storage.write_array = killing_write_array
     elif writer == "fetch":
         from image_classifier import fetch
 

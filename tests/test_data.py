@@ -3,6 +3,7 @@
 import gzip
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CLASSES, idx_bytes, write_idx_dataset
@@ -62,8 +63,10 @@ def test_channel_stats_on_known_pixels() -> None:
 
 def test_preprocess_writes_splits_meta_and_preview(raw_dir, tmp_path: Path) -> None:
     spec, raw = raw_dir
-    params = params_module.PreprocessParams(val_size=50, test_size=0.2, train_subset=200, seed=0)
-    files = {name: tmp_path / "out" / f"{name}.pt" for name in ("train", "val", "test")}
+    params = params_module.PreprocessParams(
+        val_size=50, test_size=0.2, train_subset=200, seed=0, shard_mb=256
+    )
+    files = {name: tmp_path / "out" / name for name in ("train", "val", "test")}
     decoded = decode(raw, spec)
     meta = preprocess(
         spec.name,
@@ -81,24 +84,30 @@ def test_preprocess_writes_splits_meta_and_preview(raw_dir, tmp_path: Path) -> N
     # Statistics come from the training split only.
     assert meta.mean == pytest.approx(channel_stats(train.images)[0])
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Stored as plain tensors: loads without unpickling code.
-    assert set(torch.load(files["val"], weights_only=True)) == {"images", "labels"}
+    # Stored as plain arrays: every file loads without unpickling anything.
+    assert sorted(path.name for path in files["val"].iterdir()) == ["images-00000.npy", "labels.npy"]
+    assert np.load(files["val"] / "images-00000.npy", allow_pickle=False).shape == (50, 1, 28, 28)
 
 
 def test_save_and_load_split_round_trip(tmp_path: Path) -> None:
     split = Split(torch.randint(0, 255, (5, 1, 28, 28), dtype=torch.uint8), torch.arange(5))
-    save_split(split, tmp_path / "s.pt")
-    loaded = load_split(tmp_path / "s.pt")
-    assert torch.equal(loaded.images, split.images) and torch.equal(loaded.labels, split.labels)
+    save_split(split, tmp_path / "s")
+    loaded = load_split(tmp_path / "s")
+    assert torch.equal(loaded.images[:], split.images) and torch.equal(loaded.labels, split.labels)
 
 
 def test_same_split_saves_to_the_same_bytes(tmp_path: Path) -> None:
     # DVC keys every later stage on these bytes: a rerun of preprocess on the same data must not retrain.
     split = Split(torch.randint(0, 255, (5, 1, 28, 28), dtype=torch.uint8), torch.arange(5))
-    save_split(split, tmp_path / "s.pt")
-    first = (tmp_path / "s.pt").read_bytes()
-    save_split(split, tmp_path / "s.pt")
-    assert (tmp_path / "s.pt").read_bytes() == first
+    save_split(split, tmp_path / "s", shard_bytes=2 * 28 * 28)
+
+    def contents() -> dict[str, bytes]:
+        return {path.name: path.read_bytes() for path in (tmp_path / "s").iterdir()}
+
+    first = contents()
+    assert len(first) == 4  # labels and three shards of two, two and one images
+    save_split(split, tmp_path / "s", shard_bytes=2 * 28 * 28)
+    assert contents() == first
 
 
 def _replace(raw: Path, spec, role: str, data: bytes) -> None:
@@ -152,8 +161,10 @@ def folder_like(counts: list[int]) -> dict[str, Split]:
 
 
 def test_auto_splits_hold_every_class_and_name_one_too_small(tmp_path: Path, capsys) -> None:
-    params = params_module.PreprocessParams(val_size="auto", test_size="auto", train_subset=0, seed=0)
-    files = {name: tmp_path / f"{name}.pt" for name in ("train", "val", "test")}
+    params = params_module.PreprocessParams(
+        val_size="auto", test_size="auto", train_subset=0, seed=0, shard_mb=256
+    )
+    files = {name: tmp_path / name for name in ("train", "val", "test")}
     classes = ["many", "few", "single"]
     meta = preprocess(
         "folder", classes, folder_like([60, 6, 1]), params, files, tmp_path / "m.json", tmp_path / "s.png"

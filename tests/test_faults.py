@@ -380,11 +380,11 @@ DATA_CASES = {
     ),
     "damaged-processed-split": Case(
         ["predict", "--index", "0"],
-        change_file("data/processed/test.pt", lambda data: data[:1000]),
+        change_file("data/processed/test/images-00000.npy", lambda data: data[:1000]),
         (
-            r"data/processed/test.pt cannot be loaded: truncated or damaged .*; restore it with 'dvc checkout preprocess'",
+            r"data/processed/test cannot be loaded: mmap length is greater than file size; restore it with 'dvc checkout preprocess'",
         ),
-        inputs=("data/processed/test.pt",),
+        inputs=("data/processed/test/images-00000.npy",),
     ),
 }
 

@@ -33,6 +33,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from PIL import Image
 
+from image_classifier.data import load_split
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make setup)"),
@@ -168,7 +170,7 @@ def test_run_is_traceable_to_commit_data_device_and_command(pipeline: Pipeline) 
 
     lock = lock_md5s(repo)
     for name in ("train", "val", "test"):
-        assert tags[f"data.{name}.md5"] == lock[f"data/processed/{name}.pt"], name
+        assert tags[f"data.{name}.md5"] == lock[f"data/processed/{name}"], name
     assert tags["data.meta.md5"] == lock["data/processed/meta.json"]
 
     inputs = {
@@ -181,7 +183,7 @@ def test_run_is_traceable_to_commit_data_device_and_command(pipeline: Pipeline) 
         assert dataset.digest == tags[f"data.{name}.md5"][:16]
         assert dataset.name == f"fashion-mnist-{name}"
         assert json.loads(dataset.profile)["features_shape"] == [size, 1, 28, 28]
-        assert json.loads(dataset.source)["uri"] == str(repo / f"data/processed/{name}.pt")
+        assert json.loads(dataset.source)["uri"] == str(repo / f"data/processed/{name}")
 
 
 def test_run_has_every_report_file_and_the_onnx_model(pipeline: Pipeline) -> None:
@@ -228,8 +230,8 @@ def test_model_is_registered_with_aliases_and_the_decision(pipeline: Pipeline) -
 
 
 def load_test_images(repo: Path) -> tuple[np.ndarray, np.ndarray]:
-    test = torch.load(repo / "data/processed/test.pt", weights_only=True)
-    return (test["images"].float() / 255).numpy(), test["labels"].numpy()
+    test = load_split(repo / "data/processed/test")
+    return (test.images[:].float() / 255).numpy(), test.labels.numpy()
 
 
 def test_pyfunc_champion_predicts_the_onnx_classes_on_the_whole_test_set(pipeline: Pipeline) -> None:

@@ -14,6 +14,8 @@ import torch
 from conftest import FASHION_DIR, copy_repo, default_params, run, write_params
 from PIL import Image
 
+from image_classifier.data import load_split
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make setup)"),
@@ -94,8 +96,8 @@ def test_every_output_is_written(repo: Path) -> None:
 def test_predict_classifies_a_png_of_a_test_image(repo: Path) -> None:
     rows = list(csv.DictReader((repo / "reports/evaluate/predictions.csv").open()))
     index = next(i for i, row in enumerate(rows) if row["actual"] == row["predicted"])
-    test = torch.load(repo / "data/processed/test.pt", weights_only=True)
-    Image.fromarray(test["images"][index, 0].numpy()).save(repo / "test-image.png")
+    test = load_split(repo / "data/processed/test")
+    Image.fromarray(test.images[index][0].numpy()).save(repo / "test-image.png")
     output = run(["predict", "test-image.png", "--index", str(index)], cwd=repo).stdout.splitlines()
     assert output[0].startswith(f'test-image.png: Predicted: "{rows[index]["actual"]}" (')
     assert output[1].endswith(f'Actual: "{rows[index]["actual"]}"')

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from conftest import FASHION_DIR, REPO, copy_repo, run, write_params
 from test_pipeline import subset_params
 
+from image_classifier.data import load_split
 from image_classifier.models import to_float
 
 BIN = Path(sys.executable).parent
@@ -408,7 +408,7 @@ print(json.dumps({"run_id": version.run_id, "artifact_location": experiment.arti
 def test_b_loads_the_champion_from_the_shared_mlflow_server(team: Team) -> None:
     b = team.root / "b-mlflow"  # B's folder: no checkout, no data, no store
     b.mkdir()
-    test_images = torch.load(team.a / "data/processed/test.pt", weights_only=True)["images"][:64]
+    test_images = load_split(team.a / "data/processed/test").images[:64]
     images = to_float(test_images).numpy()
     np.save(b / "images.npy", images)
 

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from image_classifier.batches import split_logits
 from image_classifier.data import Split
-from image_classifier.models import ImageClassifier, build_model, predict_logits
+from image_classifier.models import ImageClassifier, build_model
 
 ECE_BINS = 15
 # A validation split the model gets entirely right has no best temperature (the NLL keeps falling towards
@@ -131,7 +132,7 @@ def calibrate(model: ImageClassifier, val: Split, batch_size: int = 1000) -> Cal
     if len(val) == 0:
         return "the validation split is empty (preprocess.val_size: 0)"
     # float32 without autocast, as evaluate scores the model: the temperature fits the logits that get used.
-    logits = predict_logits(model, val.images, batch_size)
+    logits = split_logits(model, val, batch_size)
     if bool((logits.argmax(dim=1) == val.labels).all()):
         # Without a single mistake, sharper is always likelier: the fit would drive T to its lower bound and
         # make every answer ~100% sure (seen on a 14-image validation split of a 180-photo folder).

@@ -1,7 +1,8 @@
-"""Decoding, validating, splitting and storing a data set as uint8 tensors.
+"""Decoding, validating, splitting and storing a data set as uint8 images and int64 labels.
 
-Each split is one `.pt` file holding a dict of two plain tensors (`images` uint8 N×C×H×W, `labels` int64), so it
-loads with `torch.load(weights_only=True)`: no pickled code runs when a teammate's file is opened.
+Each split is stored as a folder of uint8 image shards and a label file (storage.py): memory-mapped when read,
+never unpickled. A split's images are a tensor (decoded in memory, or loaded) or MappedImages (read from disk on
+demand); everything here works on either, a bounded chunk at a time.
 """
 
 import json
@@ -20,9 +21,10 @@ from image_classifier.datasets import (
     CIFAR_TRAIN_BATCHES,
     DatasetSpec,
 )
-from image_classifier.errors import UserError, load_failure
-from image_classifier.files import atomic_path, save_tensors
+from image_classifier.errors import UserError
+from image_classifier.files import atomic_path
 from image_classifier.params import PreprocessParams
+from image_classifier.storage import CHUNK_BYTES, MappedImages, read_split, write_split
 
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 data with 3 and 1 dimensions
 # How to recover a damaged processed file: DVC's cache has the last good copy, or the stage rebuilds it.
@@ -31,14 +33,22 @@ _REBUILD = "restore it with 'dvc checkout preprocess' or rebuild it with 'dvc re
 
 @dataclass(frozen=True)
 class Split:
-    images: torch.Tensor  # uint8, N×C×H×W
+    images: torch.Tensor | MappedImages  # uint8, N×C×H×W: in memory, or mapped from a stored split
     labels: torch.Tensor  # int64, N
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: torch.Tensor) -> "Split":
+        """The images at `indices`; a mapped split stays mapped (nothing is read yet)."""
+        if isinstance(self.images, MappedImages):
+            return Split(self.images.subset(indices), self.labels[indices])
         return Split(self.images[indices], self.labels[indices])
+
+    def in_memory(self) -> "Split":
+        if isinstance(self.images, MappedImages):
+            return Split(self.images.load(), self.labels)
+        return self
 
 
 @dataclass(frozen=True)
@@ -204,15 +214,23 @@ def stratified_indices(
     return torch.nonzero(~mask).flatten(), chosen.sort().values
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+def channel_stats(images: torch.Tensor | MappedImages) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of uint8 images, on the 0..1 scale.
 
     Counted from a 256-bin histogram per channel: exact, and far cheaper than converting every pixel to float.
+    The histograms add up a bounded chunk of images at a time, so a mapped split of any size streams through.
     """
+    histograms = torch.zeros(images.shape[1], 256, dtype=torch.int64)
+    step = max(1, CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
+    for start in range(0, len(images), step):
+        chunk = images[start : start + step]
+        for channel in range(images.shape[1]):
+            histograms[channel] += torch.bincount(chunk[:, channel].flatten(), minlength=256)
+        if isinstance(images, MappedImages):
+            images.release()
     means, stds = [], []
     values = torch.arange(256, dtype=torch.float64) / 255
-    for channel in range(images.shape[1]):
-        counts = torch.bincount(images[:, channel].flatten(), minlength=256).double()
+    for counts in histograms.double():
         total = counts.sum()
         mean = (counts * values).sum() / total
         variance = (counts * (values - mean) ** 2).sum() / (total - 1)  # unbiased, as Tensor.std
@@ -221,18 +239,23 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return means, stds
 
 
-def save_split(split: Split, path: Path) -> None:
-    save_tensors({"images": split.images, "labels": split.labels}, path)
+# A shard of at most this many bytes when the caller does not say (preprocess.shard_mb in params.yaml).
+DEFAULT_SHARD_BYTES = 256 * 10**6
 
 
-def load_split(path: Path) -> Split:
-    if not Path(path).is_file():
-        raise UserError(f"{path} is missing; run the preprocess stage first (dvc repro preprocess)")
+def save_split(split: Split, folder: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    write_split(split.images, split.labels, folder, shard_bytes)
+
+
+def load_split(folder: Path) -> Split:
+    """A stored split, its images mapped from disk (read on demand), its labels in memory."""
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder} is missing; run the preprocess stage first (dvc repro preprocess)")
     try:
-        tensors = torch.load(path, weights_only=True, mmap=True)
-        return Split(tensors["images"], tensors["labels"])
-    except Exception as error:  # any damage: a truncated zip, refused pickle, missing keys, not a dict
-        raise UserError(f"{path} cannot be loaded: {load_failure(error)}; {_REBUILD}") from None
+        return Split(*read_split(folder))
+    except (OSError, ValueError, EOFError) as error:  # truncated, refused pickle, wrong dtype, shards missing
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        raise UserError(f"{folder} cannot be loaded: {reason}; {_REBUILD}") from None
 
 
 def decode(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
@@ -249,13 +272,13 @@ def preprocess(
     classes: list[str],
     decoded: dict[str, Split],
     params: PreprocessParams,
-    split_files: dict[str, Path],
+    split_dirs: dict[str, Path],
     meta_file: Path,
     samples_png: Path,
     note: str = "",
 ) -> Meta:
     """Split off validation (and test, when `decoded` has none), stratified and seeded; optionally subsample
-    training; save the splits, their statistics and a preview. `note` goes into the summary line after the
+    training; save the splits (shards of at most `params.shard_mb`), their statistics and a preview. `note` goes into the summary line after the
     image shape (how an "auto" setting was resolved)."""
     train = decoded["train"]
     splits = {}
@@ -275,7 +298,7 @@ def preprocess(
         splits["train"] = splits["train"].subset(keep)
     mean, std = channel_stats(splits["train"].images)  # training split only: val and test stay unseen
     for name, split in splits.items():
-        save_split(split, split_files[name])
+        save_split(split, split_dirs[name], round(params.shard_mb * 10**6))
     meta = Meta(
         dataset=dataset,
         classes=list(classes),
@@ -290,7 +313,7 @@ def preprocess(
     meta.save(meta_file)
     from image_classifier.plots import save_image_grid  # matplotlib: only the stage that draws pays for it
 
-    preview = splits["train"].subset(class_by_class(splits["train"].labels)[:36])
+    preview = splits["train"].subset(class_by_class(splits["train"].labels)[:36]).in_memory()
     save_image_grid(
         preview.images,
         [classes[i] for i in preview.labels],

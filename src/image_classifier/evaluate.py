@@ -9,10 +9,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from image_classifier.batches import split_logits
 from image_classifier.calibration import calibration_metrics, reliability_bins
 from image_classifier.data import Split
 from image_classifier.files import atomic_path
-from image_classifier.models import predict_logits
 from image_classifier.plots import save_confusion_matrix, save_image_grid, save_reliability_diagram
 
 
@@ -73,7 +73,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score `model` on `test` and write `outputs`: metrics (JSON), predictions (CSV), confusion,
     misclassified and reliability (PNG). Returns the metrics."""
-    logits = predict_logits(model, test.images, batch_size)
+    logits = split_logits(model, test, batch_size)  # streamed from the mapped shards
     predictions = logits.argmax(dim=1)
     metrics = classification_metrics(logits, test.labels, classes)
     with atomic_path(outputs["metrics"]) as temp:

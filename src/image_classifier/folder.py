@@ -24,11 +24,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
 from image_classifier.errors import UserError
+from image_classifier.files import replace_dir
 
 if TYPE_CHECKING:  # fetch only copies files: it starts without torch and torchvision
     import torch
 
     from image_classifier.data import Split
+    from image_classifier.decoding import Decoded
 
 # What a folder data set counts as an image; anything else in the folder is skipped.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
@@ -67,7 +69,7 @@ def copy_image_folder(source: Path, raw_dir: Path) -> None:
             writer = csv.writer(file)
             writer.writerow(["filename", "label", "split"])
             writer.writerows((f"{IMAGES_DIR}/{e.relative}", e.label, e.split) for e in entries)
-        _replace_dir(temp, raw_dir)
+        replace_dir(temp, raw_dir)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     counts = Counter(entry.split for entry in entries)
@@ -230,21 +232,6 @@ def _from_csv(csv_path: Path) -> list[Entry]:
     return entries
 
 
-def _replace_dir(new: Path, old: Path) -> None:
-    """Put `new` where `old` is with two renames, restoring `old` if the second one fails."""
-    if not old.exists():
-        os.replace(new, old)
-        return
-    backup = old.with_name(f".{old.name}.{os.getpid()}.old")
-    os.replace(old, backup)
-    try:
-        os.replace(new, old)
-    except OSError:
-        os.replace(backup, old)
-        raise
-    shutil.rmtree(backup)
-
-
 def _named(names: list[str]) -> str:
     shown = ", ".join(names[:MAX_NAMED])
     return shown + (f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else "")
@@ -291,10 +278,20 @@ def auto_note(image_size: int | str, channels: int | str, images: torch.Tensor) 
 def decode_folder(
     raw_dir: Path, image_size: int, channels: int | Literal["auto"]
 ) -> tuple[list[str], dict[str, Split]]:
-    """Decode every image fetch copied into `raw_dir` as uint8 `channels`×image_size×image_size; return the class
-    names and the splits ("train", and "test" when the user gave one). `channels` "auto" is 1 when every image
-    is grey, else 3. Unreadable images are named on stderr and left out."""
-    from image_classifier.images import read_image
+    """decode_folder_to, with the splits in memory: for small folders (and tests)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        classes, splits = decode_folder_to(raw_dir, image_size, channels, Path(scratch))
+        return classes, {name: split.in_memory() for name, split in splits.items()}
+
+
+def decode_folder_to(
+    raw_dir: Path, image_size: int, channels: int | Literal["auto"], scratch: Path, workers: int | None = None
+) -> tuple[list[str], dict[str, Split]]:
+    """Decode every image fetch copied into `raw_dir` as uint8 `channels`×image_size×image_size into a file in
+    `scratch` (with every core for a large folder, see decoding.py); return the class names and the splits
+    ("train", and "test" when the user gave one), mapped from that file: it must outlive them. `channels`
+    "auto" is 1 when every image is grey, else 3. Unreadable images are named on stderr and left out."""
+    from image_classifier.decoding import decode_files
 
     manifest = raw_dir / MANIFEST
     if not manifest.is_file():
@@ -302,41 +299,41 @@ def decode_folder(
     with manifest.open(newline="", encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
     classes = sort_classes({row["label"] for row in rows})
-    index = {name: i for i, name in enumerate(classes)}
-    decoded, failures = [], []
-    for row in rows:
-        try:
-            image = read_image(raw_dir / row["filename"], channels, (image_size, image_size))
-        except UserError as error:
-            failures.append(str(error))
-            continue
-        decoded.append((row["split"], index[row["label"]], image))
-    _warn_undecodable(failures, len(rows))
-    if not any(split == "train" for split, _, _ in decoded):
-        first = f"; the first: {failures[0]}" if failures else ""
+    out = scratch / "decoded.npy"
+    decoded = decode_files([raw_dir / row["filename"] for row in rows], channels, image_size, out, workers)
+    _warn_undecodable(decoded.failures, len(rows))
+    splits = _mapped_splits(rows, classes, decoded, out, channels)
+    if "train" not in splits:
+        first = f"; the first: {decoded.failures[0]}" if decoded.failures else ""
         raise UserError(f"none of the {len(rows)} training images in {raw_dir} can be decoded{first}")
-    splits = _stack(decoded)
     missing = [name for i, name in enumerate(classes) if i not in set(splits["train"].labels.tolist())]
     if missing:
         raise UserError(f"class {_named(missing)} has no readable training images left in {raw_dir}")
     return classes, splits
 
 
-def _stack(decoded: list[tuple[str, int, torch.Tensor]]) -> dict[str, Split]:
-    """(split, label, image) triples as Splits. With channels "auto", `read_image` gave each grey image one
-    channel and each colour image three: one colour image makes every image three channels (the grey value
-    three times, as read_image would give it). Each image is still decoded only once."""
+def _mapped_splits(
+    rows: list[dict[str, str]], classes: list[str], decoded: Decoded, out: Path, channels: int | str
+) -> dict[str, Split]:
+    """The decoded images of each split, mapped from `out` in manifest order. With channels "auto", `out` holds
+    three channels; when every image was grey, the splits read the first (all three are the same)."""
+    import numpy as np
     import torch
 
     from image_classifier.data import Split
+    from image_classifier.storage import MappedImages, Shards
 
-    channels = max(image.shape[0] for _, _, image in decoded)
+    images = MappedImages(Shards([out]))
+    if channels == "auto" and decoded.grey[decoded.ok].all():
+        images = images.with_channels(1)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = torch.tensor([index[row["label"]] for row in rows], dtype=torch.int64)
+    split_of = np.array([row["split"] for row in rows])
     splits = {}
     for name in SPLITS:
-        part = [(label, image) for split, label, image in decoded if split == name]
-        if part:
-            images = torch.stack([image.expand(channels, -1, -1) for _, image in part])
-            splits[name] = Split(images, torch.tensor([label for label, _ in part], dtype=torch.int64))
+        positions = np.flatnonzero(decoded.ok & (split_of == name))
+        if len(positions):
+            splits[name] = Split(images.subset(positions), labels[positions])
     return splits
 
 

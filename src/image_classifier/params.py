@@ -88,6 +88,7 @@ class PreprocessParams(_Section):
     test_size: SplitSize = Field(description=SPLIT_SIZE)
     train_subset: int = Field(ge=0, description="0 (all) or a count")
     seed: int
+    shard_mb: Number = Field(gt=0, le=100_000, description="megabytes per image shard, above 0")
 
 
 # `timm:<architecture>`: whether timm knows the name is checked by the stage (importing timm takes seconds).
@@ -139,6 +140,7 @@ class TrainParams(_Section):
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"]
     threads: int = Field(ge=0, description="0 (all cores) or a count")
     processes: int = Field(ge=1, le=64, description="1 to 64 processes")
+    data_in_memory: bool | Auto = Field(description="true, false or 'auto'")
     init_from: str
 
     @field_validator("model")

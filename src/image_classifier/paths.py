@@ -8,7 +8,8 @@ from pathlib import Path
 
 RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")
-SPLIT_FILES = {split: PROCESSED_DIR / f"{split}.pt" for split in ("train", "val", "test")}
+# Each split is a folder of image shards and a label file (storage.py).
+SPLIT_DIRS = {split: PROCESSED_DIR / split for split in ("train", "val", "test")}
 META_FILE = PROCESSED_DIR / "meta.json"
 SAMPLES_PNG = Path("reports/preprocess/samples.png")
 

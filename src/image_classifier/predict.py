@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.index:
         from image_classifier.data import load_split
 
-        test = load_split(paths.SPLIT_FILES["test"])
+        test = load_split(paths.SPLIT_DIRS["test"])
         for index in args.index:
             if not 0 <= index < len(test):
                 raise UserError(f"--index {index} is out of range; the test set has {len(test)} images")

@@ -1,4 +1,5 @@
-"""The training loop: the whole data set on the device as uint8, batches as index slices, augmentation batched.
+"""The training loop: batches of uint8 images (the data set on the device, or streamed from disk: batches.py) in a
+seeded index order, augmentation batched.
 
 Reads top to bottom: plan (batch, lr, epochs), set up, (maybe) resume, then one loop over epochs that trains,
 validates, keeps the best weights, checkpoints and stops early when validation stops improving. Nothing here
@@ -22,12 +23,13 @@ from tqdm import tqdm
 
 from image_classifier.augment import augment, mix, photo_augment
 from image_classifier.backbones import Weights
+from image_classifier.batches import DataMode, InMemory, Streamed, batch_source, choose_mode
 from image_classifier.data import Split
 from image_classifier.device import autocast_dtype
 from image_classifier.distributed import max_across, rank_and_world, sum_across
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_path, save_tensors
-from image_classifier.models import build_model, predict_logits, to_float
+from image_classifier.models import build_model, to_float
 from image_classifier.optim import (
     class_weights,
     make_ema,
@@ -57,6 +59,7 @@ class TrainResult:
     final_checkpoint: dict[str, Any]
     plan: TrainingPlan
     history: list[dict[str, float]] = field(default_factory=list)
+    data_mode: DataMode | None = None  # in memory or streamed, and why
     compile_seconds: float = 0.0
     warm_start: WarmStartReport | None = None
     stopped_early: bool = False
@@ -67,7 +70,8 @@ def resume_path(folder: Path, flat_params: dict[str, Any], data_files: list[Path
     code, so a rerun after an interruption finds it and a run with anything changed does not."""
     fingerprint = hashlib.sha256(json.dumps(flat_params, sort_keys=True).encode())
     for path in [*data_files, *sorted(Path(__file__).parent.glob("*.py"))]:
-        fingerprint.update(path.read_bytes())
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:  # a stored split is a folder
+            fingerprint.update(file.read_bytes())
     return Path(folder) / f"train-{fingerprint.hexdigest()[:16]}.pt"
 
 
@@ -196,15 +200,18 @@ def train(
     starts = batch_starts(len(train_split), plan.batch_size, world)
     scheduler = make_scheduler(params, optimizer, plan.epochs * len(starts))
     mixing = mix(params, len(model_config["classes"]))
-    images, labels = train_split.images.to(device), train_split.labels.to(device)
-    val_images, val_labels = val_split.images.to(device), val_split.labels.to(device)
+    data_mode = choose_mode(params.data_in_memory, [train_split, val_split], device, world)
+    if rank == 0:
+        print(data_mode.line)
+    train_batches = batch_source(train_split, device, data_mode.in_memory)
+    val_batches = batch_source(val_split, device, data_mode.in_memory)
     loss_weights = None
     if params.class_weights == "balanced":
         loss_weights = class_weights(train_split.labels, len(model_config["classes"])).to(device)
 
     history: list[dict[str, float]] = []
     grace = warmup_epochs(params, plan.epochs)
-    selection = Selection(params.patience, len(val_labels), grace)
+    selection = Selection(params.patience, len(val_batches), grace)
     first_epoch = 1
     checkpoint: dict[str, Any] = {}
     if checkpoint_path.is_file():
@@ -217,7 +224,7 @@ def train(
         generator.set_state(checkpoint["generator"].cpu())
         torch.set_rng_state(checkpoint["torch_rng"].cpu())
         history = checkpoint["history"]
-        selection = Selection(params.patience, len(val_labels), grace, checkpoint["selection"])
+        selection = Selection(params.patience, len(val_batches), grace, checkpoint["selection"])
         if checkpoint.get("warm_start"):
             warm_start = WarmStartReport(**checkpoint["warm_start"])
         first_epoch = checkpoint["epoch"] + 1
@@ -276,15 +283,17 @@ def train(
         model.train()
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        order = torch.randperm(len(labels), device=device, generator=generator)
+        order = torch.randperm(len(train_batches), device=device, generator=generator)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
         seen = 0
-        progress = tqdm(starts, desc=f"epoch {epoch}/{plan.epochs}", leave=False, disable=rank != 0)
-        for step, start in enumerate(progress):
-            index = order[start : start + plan.batch_size][rank::world]
-            loss, hits = train_step(images[index], labels[index])
+        batches = train_batches.batches(order, starts, plan.batch_size, rank, world)
+        progress = tqdm(
+            batches, total=len(starts), desc=f"epoch {epoch}/{plan.epochs}", leave=False, disable=rank != 0
+        )
+        for step, (batch_images, batch_labels) in enumerate(progress):
+            loss, hits = train_step(batch_images, batch_labels)
             if on_step:
                 on_step((epoch - 1) * len(starts) + step + 1, eval_model)
             if step == 0 and epoch == first_epoch and params.compile != "none":
@@ -295,9 +304,9 @@ def train(
             # Track the first non-finite loss on the device: no host sync per batch.
             bad = ~torch.isfinite(loss) & (first_bad_step < 0)
             first_bad_step = torch.where(bad, step + 1, first_bad_step)
-            loss_sum += loss * len(index)
+            loss_sum += loss * len(batch_labels)
             correct += hits
-            seen += len(index)
+            seen += len(batch_labels)
         seen_total = torch.tensor(seen, device=device)
         sum_across(loss_sum, correct, seen_total)
         max_across(first_bad_step)
@@ -312,7 +321,7 @@ def train(
                 f"loss became non-finite at epoch {epoch}, step {first_bad_step.item()}; training stopped, "
                 f"{kept}; lower train.lr{BF16_CPU_HINT if dtype and device.type == 'cpu' else ''}"
             )
-        val_loss, val_accuracy = _validate(eval_model, val_images, val_labels, dtype)
+        val_loss, val_accuracy = _validate(eval_model, val_batches, dtype)
         _synchronize(device)
         seconds = time.perf_counter() - started
         stats = {
@@ -366,19 +375,18 @@ def train(
         final_checkpoint=checkpoint,
         plan=plan,
         history=history,
+        data_mode=data_mode,
         compile_seconds=compile_seconds,
         warm_start=warm_start,
         stopped_early=stopped_early,
     )
 
 
-def _validate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None
-) -> tuple[float, float]:
+def _validate(model: nn.Module, val: InMemory | Streamed, dtype: torch.dtype | None) -> tuple[float, float]:
     """Validation loss and accuracy (NaN for an empty validation split)."""
-    if len(labels) == 0:
+    if len(val) == 0:
         return math.nan, math.nan
-    logits = predict_logits(model, images, 1000, dtype)
+    logits, labels = val.logits(model, 1000, dtype), val.labels
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 

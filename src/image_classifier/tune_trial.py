@@ -31,8 +31,8 @@ class Trials:
         if "data.image_size" in space and self.meta.dataset != "folder":
             raise UserError(f"data.image_size cannot vary: {self.meta.dataset} keeps its own image size")
         self.splits = {
-            "train": load_split(paths.SPLIT_FILES["train"]),
-            "val": load_split(paths.SPLIT_FILES["val"]),
+            "train": load_split(paths.SPLIT_DIRS["train"]),
+            "val": load_split(paths.SPLIT_DIRS["val"]),
         }
         set_threads(params.train.threads, 1)
         self.device = pick_device(params.train.device)
@@ -88,7 +88,9 @@ class Trials:
         """The split at `size` pixels (antialiased), when the search varies data.image_size."""
         if size is None or size == split.images.shape[-1]:
             return split
-        images = F.interpolate(split.images.float(), size=(size, size), mode="bilinear", antialias=True)
+        images = F.interpolate(
+            split.in_memory().images.float(), size=(size, size), mode="bilinear", antialias=True
+        )
         return Split(images.round().clamp(0, 255).to(torch.uint8), split.labels)
 
     def report_study(self, study: optuna.Study, seconds: float) -> None:

@@ -1,0 +1,317 @@
+"""Data bigger than memory (issue 14): the rows `python benchmarks/bench.py --data-scale` adds.
+
+    python benchmarks/bench.py --data-scale [--scale-images 50000] [--scale-dir /var/tmp/bench-scale]
+
+- A generated folder of JPEGs at 128×128 RGB (50,000: 2.46 GB as uint8): preprocess (the library calls of the
+  preprocess stage, every core) in images/s against a torchvision ImageFolder + DataLoader(num_workers=2) pass
+  that decodes and resizes the same files; peak resident memory of preprocess and of one streamed training
+  epoch, on the whole folder and on a quarter of it (how memory grows with the data).
+- Fashion-MNIST, default config, all epochs: streamed (`train.data_in_memory: false`) against in memory:
+  training throughput, test accuracy, and whether the weights are the same.
+
+Each measurement runs in a fresh child process (bench.measure), which reports its own peak memory. The folder is
+generated once and kept in --scale-dir for reruns.
+"""
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 128
+CLASSES = 10
+
+
+def scale_dir() -> Path:
+    return Path(os.environ["BENCH_SCALE_DIR"])
+
+
+def _draw(task: tuple[Path, int, int]) -> None:
+    """One smooth 128×128 JPEG: a shape whose kind is the class, at a random place and colour, on a gradient."""
+    from PIL import Image, ImageDraw
+
+    path, label, seed = task
+    rng = random.Random(seed)
+    top, bottom = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
+    image = Image.linear_gradient("L").resize((SIZE, SIZE)).convert("RGB")
+    image = Image.composite(
+        Image.new("RGB", image.size, top), Image.new("RGB", image.size, bottom), image.getchannel(0)
+    )
+    draw = ImageDraw.Draw(image)
+    radius = rng.randint(20, 50)
+    x, y = rng.randint(radius, SIZE - radius), rng.randint(radius, SIZE - radius)
+    ink = tuple(rng.randrange(256) for _ in range(3))
+    draw.regular_polygon((x, y, radius), 3 + label, rotation=rng.uniform(0, 360), fill=ink)
+    image.save(path, quality=90)
+
+
+def generate(root: Path, count: int) -> Path:
+    """`count` JPEGs in <root>/<class>/<n>.jpg, CLASSES classes, made once (a marker file says it is complete)."""
+    marker = root.with_name(f"{root.name}-complete-{count}")
+    if marker.is_file():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    for old in root.parent.glob(f"{root.name}-complete-*"):
+        old.unlink()
+    tasks = []
+    for n in range(count):
+        folder = root / f"class{n % CLASSES}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tasks.append((folder / f"{n}.jpg", n % CLASSES, n))
+    with multiprocessing.get_context("spawn").Pool() as pool:
+        pool.map(_draw, tasks, chunksize=256)
+    marker.touch()
+    return root
+
+
+def prepare(count: int) -> dict:
+    """The generated folder, fetched into raw/ (as the fetch stage copies it), and raw-quarter/: a manifest of
+    every fourth of its rows (every class) over the same image files."""
+    from image_classifier.folder import copy_image_folder
+
+    base = scale_dir()
+    images = generate(base / "images", count)
+    raw = base / "raw"
+    if not (raw / "labels.csv").is_file() or sum(1 for _ in (raw / "labels.csv").open()) != count + 1:
+        copy_image_folder(images, raw)
+    quarter = base / "raw-quarter"
+    shutil.rmtree(quarter, ignore_errors=True)
+    quarter.mkdir()
+    (quarter / "images").symlink_to(raw / "images")
+    with (raw / "labels.csv").open() as file:
+        rows = list(csv.reader(file))
+    with (quarter / "labels.csv").open("w", newline="") as file:
+        csv.writer(file).writerows(rows[:1] + rows[1::4])
+    return {"images": count, "quarter": count // 4, "disk_mb": _folder_mb(images)}
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
+
+
+def _processed(name: str) -> Path:
+    return scale_dir() / f"processed-{name}"
+
+
+def preprocess_folder(which: str) -> dict:
+    """The preprocess stage's library calls (decode with every core, split, store shards) on raw/ or raw-quarter/."""
+    from image_classifier import params as params_module
+    from image_classifier.data import preprocess
+    from image_classifier.folder import decode_folder_to
+    from image_classifier.storage import scratch_folder
+
+    params = params_module.load(REPO / "params.yaml")
+    raw = scale_dir() / ("raw" if which == "full" else "raw-quarter")
+    out = _processed(which)
+    started = time.perf_counter()
+    with scratch_folder(out) as scratch:
+        classes, decoded = decode_folder_to(raw, SIZE, 3, scratch)
+        files = {name: out / name for name in ("train", "val", "test")}
+        meta = preprocess(
+            "folder", classes, decoded, params.preprocess, files, out / "meta.json", out / "s.png"
+        )
+    seconds = time.perf_counter() - started
+    shards = len(list((out / "train").glob("images-*.npy")))
+    return {"seconds": seconds, "images": sum(meta.sizes.values()), "train_shards": shards}
+
+
+def imagefolder_pass() -> dict:
+    """torchvision's ImageFolder + DataLoader(num_workers=2): decode and resize every file of the folder once."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    dataset = datasets.ImageFolder(
+        str(scale_dir() / "images"),
+        transform=transforms.Compose([transforms.Resize((SIZE, SIZE)), transforms.PILToTensor()]),
+    )
+    started = time.perf_counter()
+    seen = 0
+    for images, _ in DataLoader(dataset, batch_size=256, num_workers=2):
+        seen += len(images)
+    assert seen == len(dataset) and images.dtype == torch.uint8
+    return {"seconds": time.perf_counter() - started, "images": seen}
+
+
+def _train(overrides: dict, train_split, val_split, config_extra: dict) -> tuple:
+    import torch
+    import yaml
+
+    from image_classifier import params as params_module
+    from image_classifier.device import set_threads
+    from image_classifier.train import train
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(device="cpu", **overrides)
+    params = params_module.from_dict(raw)
+    set_threads(params.train.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        result = train(
+            params.train, config_extra, train_split, val_split, torch.device("cpu"), Path(scratch) / "r.pt"
+        )
+    return result, params
+
+
+def streamed_epoch(which: str) -> dict:
+    """One epoch of a small CNN on the stored 128-pixel folder, streamed from its shards."""
+    from image_classifier.data import Meta, load_split
+
+    out = _processed(which)
+    meta = Meta.load(out / "meta.json")
+    train_split, val_split = load_split(out / "train"), load_split(out / "val")
+    config = {
+        "dataset": "folder",
+        "model": "cnn",
+        "width": 8,
+        "test_time_flip": False,
+        "image_shape": meta.image_shape,
+        "classes": meta.classes,
+        "mean": meta.mean,
+        "std": meta.std,
+    }
+    overrides = {"epochs": 1, "batch_size": 64, "data_in_memory": False, "crop_padding": 0}
+    result, _ = _train(overrides, train_split, val_split, config)
+    row = result.history[-1]
+    return {
+        "seconds": row["epoch_seconds"],
+        "samples_per_second": row["samples_per_second"],
+        "data_mb": train_split.images.nbytes / 1e6,
+        "mode": result.data_mode.line,
+    }
+
+
+def fashion_mnist(in_memory: bool) -> dict:
+    """The default config on Fashion-MNIST (stored as shards by the preprocess library call), all epochs."""
+    import torch
+
+    from image_classifier import params as params_module
+    from image_classifier.batches import split_logits
+    from image_classifier.data import Meta, decode, load_split, preprocess
+    from image_classifier.datasets import get_dataset
+    from image_classifier.models import build_model, resolve_model
+
+    out = scale_dir() / "fashion-mnist"
+    if not (out / "meta.json").is_file():  # both children use the same stored splits
+        params = params_module.load(REPO / "params.yaml")
+        spec = get_dataset("fashion-mnist")
+        files = {name: out / name for name in ("train", "val", "test")}
+        preprocess(
+            spec.name,
+            list(spec.classes),
+            decode(REPO / "data/raw", spec),
+            params.preprocess,
+            files,
+            out / "meta.json",
+            out / "s.png",
+        )
+    meta = Meta.load(out / "meta.json")
+    model, width = resolve_model("auto", "auto", meta.dataset)
+    config = {
+        "dataset": meta.dataset,
+        "model": model,
+        "width": width,
+        "test_time_flip": True,
+        "image_shape": meta.image_shape,
+        "classes": meta.classes,
+        "mean": meta.mean,
+        "std": meta.std,
+    }
+    result, _ = _train(
+        {"data_in_memory": in_memory}, load_split(out / "train"), load_split(out / "val"), config
+    )
+    network = build_model(config)
+    network.load_state_dict(result.best_state)
+    test = load_split(out / "test")
+    logits = split_logits(network, test, 1000)
+    digest = hashlib.sha256()
+    for key in sorted(result.best_state):
+        digest.update(result.best_state[key].contiguous().numpy().tobytes())
+    seconds = sum(row["epoch_seconds"] for row in result.history)
+    seen = sum(row["samples_per_second"] * row["epoch_seconds"] for row in result.history)
+    return {
+        "seconds": seconds,
+        "samples_per_second": seen / seconds,
+        "test_accuracy": (logits.argmax(1) == test.labels).double().mean().item(),
+        "weights_sha256": digest.hexdigest(),
+        "mode": result.data_mode.line,
+        "epochs": len(result.history),
+        "_": torch.__version__,
+    }
+
+
+MEASUREMENTS = {
+    "scale-preprocess-full": lambda device: preprocess_folder("full"),
+    "scale-preprocess-quarter": lambda device: preprocess_folder("quarter"),
+    "scale-imagefolder": lambda device: imagefolder_pass(),
+    "scale-stream-full": lambda device: streamed_epoch("full"),
+    "scale-stream-quarter": lambda device: streamed_epoch("quarter"),
+    "fmnist-memory": lambda device: fashion_mnist(True),
+    "fmnist-stream": lambda device: fashion_mnist(False),
+}
+
+
+def rows(measure, device: str, count: int) -> list[tuple[str, str, str, str]]:
+    """The benchmark rows, each measurement in a child process (`measure(name, device)` from bench.py)."""
+    prepared = prepare(count)
+    print(json.dumps(prepared), file=sys.stderr)
+    shutil.rmtree(scale_dir() / "fashion-mnist", ignore_errors=True)
+    quarter = measure("scale-preprocess-quarter", device)
+    full = measure("scale-preprocess-full", device)
+    folder = measure("scale-imagefolder", device)
+    stream_quarter = measure("scale-stream-quarter", device)
+    stream_full = measure("scale-stream-full", device)
+    memory, stream = measure("fmnist-memory", device), measure("fmnist-stream", device)
+    ours, theirs = full["images"] / full["seconds"], folder["images"] / folder["seconds"]
+    n = f"{count:,}"
+    return [
+        (
+            f"{n} JPEGs, 128×128 RGB ({prepared['disk_mb']:.0f} MB on disk, {count * 3 * SIZE * SIZE / 1e9:.2f} GB "
+            "as uint8): preprocess (library calls, every core)",
+            f"{full['seconds']:.1f} s, {ours:.0f} images/s, {full['train_shards']} training shards",
+            "",
+            f"{ours / theirs:.2f}x the ImageFolder pass",
+        ),
+        (
+            "Same files: torchvision ImageFolder + DataLoader(num_workers=2), decode and resize",
+            f"{folder['seconds']:.1f} s, {theirs:.0f} images/s",
+            "",
+            "1.0x",
+        ),
+        (
+            f"Peak memory of preprocess: {count // 4:,} / {n} images",
+            f"{quarter['peak_rss_mb']:.0f} MB / {full['peak_rss_mb']:.0f} MB",
+            "",
+            "",
+        ),
+        (
+            f"One streamed training epoch (cnn width 8, batch 64): {count // 4:,} / {n} images "
+            f"({stream_quarter['data_mb']:.0f} / {stream_full['data_mb']:.0f} MB of training images)",
+            f"{stream_quarter['seconds']:.1f} s / {stream_full['seconds']:.1f} s; peak memory "
+            f"{stream_quarter['peak_rss_mb']:.0f} MB / {stream_full['peak_rss_mb']:.0f} MB",
+            "",
+            "",
+        ),
+        (
+            f"Fashion-MNIST default config, {memory['epochs']} epochs, data in memory",
+            f"{memory['seconds']:.1f} s, {memory['samples_per_second']:.0f} images/s; peak memory "
+            f"{memory['peak_rss_mb']:.0f} MB",
+            f"{memory['test_accuracy']:.4f}",
+            "1.0x",
+        ),
+        (
+            "Same, streamed from the shards (`train.data_in_memory: false`)",
+            f"{stream['seconds']:.1f} s, {stream['samples_per_second']:.0f} images/s; peak memory "
+            f"{stream['peak_rss_mb']:.0f} MB",
+            f"{stream['test_accuracy']:.4f}",
+            f"{stream['samples_per_second'] / memory['samples_per_second']:.0%} of in-memory throughput; weights "
+            f"{'identical' if stream['weights_sha256'] == memory['weights_sha256'] else 'DIFFER'}",
+        ),
+    ]

@@ -1,0 +1,158 @@
+"""The stored split format (issue 14): shards of bounded size, read mapped, never unpickled; a folder decoded by
+a process pool gives the same bytes as one process; a killed preprocess leaves no partial shard under an
+output's name."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO, default_params, run
+from image_folders import shapes_folder
+
+from image_classifier import params as params_module
+from image_classifier.data import Split, load_split, preprocess, save_split
+from image_classifier.errors import UserError
+from image_classifier.folder import copy_image_folder, decode_folder, decode_folder_to
+from image_classifier.storage import MappedImages, Shards, read_split
+
+HARNESS = Path(__file__).resolve().parent / "kill_during_write.py"
+SPLITS = ("train", "val", "test")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every visible file under `folder` by relative path: what DVC would store as the output."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    }
+
+
+def stored(images: torch.Tensor, folder: Path, shard_bytes: int) -> Split:
+    save_split(Split(images, torch.arange(len(images)) % 10), folder, shard_bytes)
+    return load_split(folder)
+
+
+def test_mapped_images_read_like_the_tensor_they_store(tmp_path: Path) -> None:
+    images = torch.randint(0, 256, (23, 2, 4, 4), dtype=torch.uint8)
+    split = stored(images, tmp_path / "s", shard_bytes=5 * 32)  # five images a shard: five shards
+    assert len(list((tmp_path / "s").glob("images-*.npy"))) == 5
+    mapped = split.images
+    assert (
+        isinstance(mapped, MappedImages) and mapped.shape == (23, 2, 4, 4) and mapped.nbytes == images.numel()
+    )
+    index = torch.tensor([22, 0, 7, 7, 13, 4])  # across shards, out of order, repeated
+    assert torch.equal(mapped[index], images[index])
+    assert torch.equal(mapped[3:19], images[3:19]) and torch.equal(mapped[5], images[5])
+    subset = split.subset(torch.tensor([20, 1, 9, 14])).subset(torch.tensor([3, 0]))
+    assert torch.equal(subset.images[:], images[[14, 20]]) and subset.labels.tolist() == [4, 0]
+    mapped.release()  # maps the files afresh: the same images
+    assert torch.equal(mapped.load(), images) and torch.equal(mapped.with_channels(1).load(), images[:, :1])
+
+
+def test_a_stored_split_loads_without_unpickling_and_names_damage(tmp_path: Path) -> None:
+    stored(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), tmp_path / "s", shard_bytes=2 * 64)
+    np.save(tmp_path / "s/labels.npy", np.array([{"code": "run me"}] * 4, dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match=r"s cannot be loaded: Object arrays cannot be loaded"):
+        load_split(tmp_path / "s")
+    stored(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), tmp_path / "s", shard_bytes=2 * 64)
+    shard = tmp_path / "s/images-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"cannot be loaded: .*; restore it with 'dvc checkout preprocess'"):
+        load_split(tmp_path / "s")
+    (tmp_path / "s/images-00001.npy").unlink()
+    with pytest.raises(UserError, match=r"2 images in its shards but 4 labels"):
+        load_split(tmp_path / "s")
+    with pytest.raises(UserError, match=r"nowhere is missing; run the preprocess stage first"):
+        load_split(tmp_path / "nowhere")
+
+
+def folder_params(**preprocess: object) -> params_module.PreprocessParams:
+    return params_module.PreprocessParams(
+        **{"val_size": 10, "test_size": 20, "train_subset": 0, "seed": 0, "shard_mb": 0.01, **preprocess}
+    )
+
+
+def test_a_folder_decodes_in_parallel_to_the_same_shards_as_one_process(tmp_path: Path) -> None:
+    root = shapes_folder(
+        tmp_path / "images", per_class=40, size_range=(10, 30), grey=0.3, formats=("png", "jpg")
+    )
+    copy_image_folder(root, tmp_path / "raw")
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"processed-{workers}"
+        scratch = tmp_path / f"scratch-{workers}"
+        scratch.mkdir()
+        classes, decoded = decode_folder_to(tmp_path / "raw", 16, "auto", scratch, workers=workers)
+        files = {name: out / name for name in SPLITS}
+        preprocess("folder", classes, decoded, folder_params(), files, out / "meta.json", tmp_path / "s.png")
+        outputs[workers] = snapshot(out)
+    # 90 training images of 3×16×16 in shards of at most 10 kB (13 images): 7 shards.
+    assert len([name for name in outputs[1] if name.startswith("train/images-")]) == 7
+    assert outputs[2] == outputs[1]
+    # The same images as the in-memory decoding of the folder, in the same order.
+    _, in_memory = decode_folder(tmp_path / "raw", 16, "auto")
+    everything = torch.cat([load_split(tmp_path / "processed-2" / name).images[:] for name in SPLITS])
+    assert everything.shape[1] == 3 and len(everything) == 120
+    assert sorted(map(bytes, everything.flatten(1).numpy())) == sorted(
+        map(bytes, in_memory["train"].images.flatten(1).numpy())
+    )
+
+
+def stage_dir(tmp_path: Path) -> Path:
+    """A working folder the stage scripts run in: params.yaml for a small folder data set, data/raw fetched."""
+    work = tmp_path / "work"
+    shapes_folder(work / "images", per_class=30, size_range=(10, 30))
+    raw = default_params()
+    raw["data"].update(dataset="folder", path="images", image_size=16, channels=3)
+    raw["preprocess"].update(val_size=10, test_size=10, shard_mb=0.005)  # 6 images a shard: 12 train shards
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run([sys.executable, str(REPO / "stages/fetch.py")], cwd=work)
+    return work
+
+
+@pytest.mark.slow  # runs the fetch and preprocess stage scripts
+def test_killed_preprocess_leaves_no_partial_shard_under_an_outputs_name(tmp_path: Path) -> None:
+    work = stage_dir(tmp_path)
+    processed = work / "data/processed"
+    run([sys.executable, str(REPO / "stages/preprocess.py")], cwd=work)
+    before = snapshot(processed)
+    assert len([name for name in before if name.startswith("train/images-")]) == 12
+
+    # Another seed: other splits. SIGKILL half-way through the third file of the training split.
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    raw["preprocess"]["seed"] = 1
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    killed = subprocess.run(
+        [sys.executable, str(HARNESS), "shard", "3", str(REPO / "stages/preprocess.py")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    partial = list(processed.glob(".train.*.tmp/images-00001.npy"))
+    assert partial, "the kill landed mid-write, in a hidden folder beside the output"
+    with pytest.raises(ValueError):
+        np.load(partial[0], mmap_mode="r", allow_pickle=False)
+    assert snapshot(processed) == before, "every output is still the complete earlier one"
+    for name in SPLITS:
+        read_split(processed / name)
+
+    run([sys.executable, str(REPO / "stages/preprocess.py")], cwd=work)
+    assert not list(processed.glob(".*")), "the next run removes what the killed one left"
+    assert not (work / "data/.processed.scratch").exists()
+    after = snapshot(processed)
+    assert after != before and {name.split("/")[0] for name in after} == {*SPLITS, "meta.json"}
+
+
+def test_shards_map_from_the_scratch_file_too(tmp_path: Path) -> None:
+    # decoding.py writes one .npy of every image; Shards maps it like a stored shard.
+    images = np.arange(2 * 3 * 2 * 2, dtype=np.uint8).reshape(2, 3, 2, 2)
+    np.save(tmp_path / "decoded.npy", images)
+    grey = MappedImages(Shards([tmp_path / "decoded.npy"])).with_channels(1)
+    assert grey.shape == (2, 1, 2, 2) and torch.equal(grey[:], torch.from_numpy(images[:, :1]))
