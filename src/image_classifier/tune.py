@@ -3,7 +3,7 @@ experiment.
 
     tune --trials 20                      # TPE sampler; trials that fall behind are pruned epoch by epoch
     tune --trials 20 --study lr-search    # a named study: run it again to add trials (it resumes)
-    tune --trials 10 --storage postgresql://user:pass@host/optuna    # many processes or machines, one study
+    tune --trials 10 --storage postgresql+psycopg://user@host/optuna    # many processes or machines, one study
     tune --apply-best                     # run the best trial as `dvc exp run -S ...`
 
 Every trial trains with the library's own loop on the processed data of the current `dvc repro` (read once, no
