@@ -117,6 +117,7 @@ class TrainParams(_Section):
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"]
     threads: int = Field(ge=0, description="0 (all cores) or a count")
     processes: int = Field(ge=1, le=64, description="1 to 64 processes")
+    nodes: int = Field(ge=1, le=1024, description="1 to 1024 machines")
     init_from: str
 
     @field_validator("nesterov")
