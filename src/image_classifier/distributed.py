@@ -42,6 +42,11 @@ def launch_args(processes: int, nodes: int, env: Mapping[str, str]) -> list[str]
             "machine's number (0 on the one that runs dvc repro), PET_MASTER_ADDR node 0's address "
             "(README: On several machines)"
         )
+    launcher_nodes = env.get("PET_NNODES", "")
+    if launcher_nodes.isdigit() and int(launcher_nodes) != nodes:
+        raise UserError(
+            f"train.nodes = {nodes}, but this job has PET_NNODES = {launcher_nodes} machines: make them agree"
+        )
     rank = env["PET_NODE_RANK"]
     if not rank.isdigit() or int(rank) >= nodes:
         raise UserError(
@@ -51,6 +56,7 @@ def launch_args(processes: int, nodes: int, env: Mapping[str, str]) -> list[str]
     return [
         f"--nnodes={nodes}",
         f"--nproc-per-node={processes}",
+        "--rdzv-backend=static",  # even where a job's environment sets PET_RDZV_BACKEND=c10d
         f"--node-rank={rank}",
         f"--master-addr={env['PET_MASTER_ADDR']}",
         f"--master-port={port}",
