@@ -8,6 +8,7 @@
   data changed since) has its run closed as KILLED by the next training in the same folder.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -56,12 +57,15 @@ def ended_honestly(stage: str, end_quickly: Quickly) -> Iterator[None]:
 
 
 def _end(stage: str, status: str, why: str, end_quickly: Quickly) -> None:
-    try:
-        with end_quickly():
+    # A store that is gone cannot be told: the run stays RUNNING there until a resumed training closes it. The
+    # original exception is what the user must see, not this one.
+    with end_quickly():
+        with contextlib.suppress(MlflowException, OSError):
             mlflow.set_tag(stage_tag(stage), why)
-            mlflow.end_run(status)
-    except (MlflowException, OSError):
-        mlflow.end_run(status)  # the tag is lost with the server; the local state still ends
+        with contextlib.suppress(MlflowException, OSError):
+            mlflow.end_run(
+                status
+            )  # takes the run off MLflow's stack first, so its `with` does not end it again
 
 
 # --- the record beside a resume checkpoint --------------------------------------------------------------------
