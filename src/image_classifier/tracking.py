@@ -72,8 +72,8 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def display_uri(uri: str) -> str:
-    """`uri` without a password (http://user:secret@host → http://user@host): for messages and files. The
-    pipeline's own credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD, which it never prints."""
+    """`uri` without the password in its user part (`http://user@host` stays, the password goes): for messages
+    and files. The pipeline's own credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD: it never prints them."""
     parts = urllib.parse.urlsplit(uri)
     if parts.password is None:
         return uri
