@@ -88,12 +88,13 @@ def test_a_missing_run_file_is_one_line(tmp_path: Path) -> None:
 
 KILLED_TRAINING = """
 import os, signal, sys
+from pathlib import Path
 import mlflow
 from image_classifier import tracking
 from image_classifier.params import TrackingParams
 
 tracking.connect(TrackingParams(experiment="run-states"))
-with tracking.start_run({"lr": 0.1}, {"git.commit": "a"}, __import__("pathlib").Path(sys.argv[1])) as run_id:
+with tracking.start_run({"lr": 0.1}, {"git.commit": "a"}, Path(sys.argv[1])) as run_id:
     log = tracking.epoch_logger(run_id)
     for epoch in (1, 2):
         log({"epoch": epoch, "train_loss": 1.0 / epoch})
