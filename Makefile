@@ -9,9 +9,14 @@ SERVE_PORT ?= 5001
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
 # `make serve` takes the model from the MLFLOW_TRACKING_URI environment variable (a team server) when set.
 SERVE_STORE = $(or $(MLFLOW_TRACKING_URI),$(STORE))
-# `make team-server`: the team's MLflow server keeps its database and artifacts here, listens on 127.0.0.1
-# unless TEAM_HOST=0.0.0.0 TEAM_ALLOWED_HOSTS=name[:port],... open it to the network (it has no login).
+# `make team-server`: the team's MLflow server (src/image_classifier/team_server.py). Its own files go in
+# TEAM_STORE; runs in TEAM_DB (postgresql://user@host:port/db for a team; the password in PGPASSWORD or ~/.pgpass),
+# artifacts in TEAM_ARTIFACTS (s3://bucket/prefix: keys in AWS_*, endpoint in MLFLOW_S3_ENDPOINT_URL). It listens on
+# 127.0.0.1; TEAM_HOST=0.0.0.0 TEAM_ALLOWED_HOSTS=name[:port],... open it to the network, which needs TEAM_LOGIN=1
+# (users and permissions; the admin's password in MLFLOW_AUTH_ADMIN_PASSWORD; users in TEAM_AUTH_DB).
 TEAM_STORE ?= $(HOME)/mlflow-team
+TEAM_DB ?= sqlite:///$(abspath $(TEAM_STORE))/mlflow.db
+TEAM_ARTIFACTS ?= $(abspath $(TEAM_STORE))/artifacts
 TEAM_HOST ?= 127.0.0.1
 TEAM_ALLOWED_HOSTS ?=
 # `make tune`: how many trials this run adds to which study.
@@ -19,12 +24,14 @@ TRIALS ?= 20
 STUDY ?= default
 # `make pretrained`: the timm architectures whose published weights to download into the cache.
 ARCH ?= timm:resnet18
+TEAM_LOGIN ?=
+TEAM_AUTH_DB ?=
 # `make example-folder`: where the example image folder goes and how many images it gets.
 EXAMPLE_DEST ?= data/images
 EXAMPLE_COUNT ?= 300
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-test repro test test-fast lint format bench bench-timm ui team-server serve predict example-folder tune pretrained clean
+.PHONY: help setup setup-team setup-test repro test test-fast lint format bench bench-timm ui team-server serve predict example-folder tune pretrained clean
 
 help: ## List the common commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -61,11 +68,12 @@ ui: setup ## MLflow UI over the local store on http://127.0.0.1:5000 (PORT=...)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host 127.0.0.1 --port $(PORT) --workers 1 \
 	  --backend-store-uri $(STORE) --artifacts-destination $(CURDIR)/mlruns/artifacts
 
-team-server: setup ## Shared MLflow server for teammates (TEAM_STORE=folder) on http://127.0.0.1:5000
-	@mkdir -p $(TEAM_STORE)/artifacts
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host $(TEAM_HOST) --port $(PORT) --workers 1 \
-	  --backend-store-uri sqlite:///$(abspath $(TEAM_STORE))/mlflow.db \
-	  --artifacts-destination $(abspath $(TEAM_STORE))/artifacts$(if $(TEAM_ALLOWED_HOSTS), --allowed-hosts $(TEAM_ALLOWED_HOSTS))
+setup-team: ## Install what the team server needs as well (logins, PostgreSQL's driver)
+	@scripts/setup.sh team
+
+team-server: setup-team ## Shared MLflow server for teammates on http://127.0.0.1:5000 (TEAM_DB=, TEAM_ARTIFACTS=, TEAM_LOGIN=1)
+	python -m image_classifier.team_server --host $(TEAM_HOST) --port $(PORT) --backend-store-uri $(TEAM_DB) \
+	  --artifacts-destination $(TEAM_ARTIFACTS) --folder $(abspath $(TEAM_STORE))$(if $(TEAM_ALLOWED_HOSTS), --allowed-hosts $(TEAM_ALLOWED_HOSTS))$(if $(TEAM_LOGIN), --login)$(if $(TEAM_AUTH_DB), --auth-db $(TEAM_AUTH_DB))
 
 serve: setup ## Serve the champion model over REST on http://127.0.0.1:5001/invocations (SERVE_PORT=...)
 	MLFLOW_TRACKING_URI=$(SERVE_STORE) mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \

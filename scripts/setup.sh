@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: system packages (Debian, as root), then the project's virtual environment.
 #   scripts/setup.sh pipeline   what `make repro` needs: Fashion-MNIST from Debian, the venv
-#   scripts/setup.sh test       also what the tests need: Chromium for the browser test, test extras
+#   scripts/setup.sh team       also what `make team-server` needs: logins and PostgreSQL's driver (extra [team])
+#   scripts/setup.sh test       also what the tests need: Chromium for the browser test, PostgreSQL for the
+#                               team-server test (started by the tests, as an unprivileged user), test extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 purpose=${1:-pipeline}
@@ -11,7 +13,7 @@ python=${PYTHON:-python3}
 say() { printf '%s\n' "setup: $*" >&2; }
 
 packages=(dataset-fashion-mnist)
-[ "$purpose" = test ] && packages+=(chromium)
+[ "$purpose" = test ] && packages+=(chromium postgresql)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -34,7 +36,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
     { say "$python is older than Python 3.10; set PYTHON=python3.11"; exit 1; }
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-  extras=""; [ "$purpose" = test ] && extras="[test]"
+  extras=""; [ "$purpose" != pipeline ] && extras="[$purpose]"
   say "installing the project into $venv (first time: about 2 minutes, 6 GB)"
   "$venv/bin/python" -m pip install -q --upgrade pip ||
     { say "pip cannot reach a package index: check the network or PIP_INDEX_URL"; exit 1; }

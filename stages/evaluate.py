@@ -14,19 +14,20 @@ def main() -> None:
     from image_classifier.export import load_model
 
     tracking.connect(params.tracking)
-    model, config = load_model(paths.MODEL_FILE)
-    test = load_split(paths.SPLIT_DIRS["test"])
-    outputs = {
-        "metrics": paths.EVAL_METRICS,
-        "predictions": paths.PREDICTIONS_CSV,
-        "confusion": paths.CONFUSION_PNG,
-        "misclassified": paths.MISCLASSIFIED_PNG,
-        "reliability": paths.RELIABILITY_PNG,
-    }
-    metrics = evaluate(
-        model, test, config["classes"], params.evaluate.batch_size, params.evaluate.misclassified, outputs
-    )
-    with tracking.resume_run(paths.RUN_FILE):
+    # The whole stage runs inside the training's run: a failure or an interruption marks it (stage.evaluate).
+    with tracking.resume_run(paths.RUN_FILE, "evaluate"):
+        model, config = load_model(paths.MODEL_FILE)
+        test = load_split(paths.SPLIT_DIRS["test"])
+        outputs = {
+            "metrics": paths.EVAL_METRICS,
+            "predictions": paths.PREDICTIONS_CSV,
+            "confusion": paths.CONFUSION_PNG,
+            "misclassified": paths.MISCLASSIFIED_PNG,
+            "reliability": paths.RELIABILITY_PNG,
+        }
+        metrics = evaluate(
+            model, test, config["classes"], params.evaluate.batch_size, params.evaluate.misclassified, outputs
+        )
         tracking.log_dataset(
             test,
             config["dataset"],

@@ -15,27 +15,28 @@ def main() -> None:
     from image_classifier.files import atomic_path, save_tensors
 
     tracking.connect(params.tracking)
-    model, config = load_model(paths.MODEL_FILE)
-    example = example_input(config)
+    # The whole stage runs inside the training's run: a failure or an interruption marks it (stage.export).
+    with tracking.resume_run(paths.RUN_FILE, "export"):
+        model, config = load_model(paths.MODEL_FILE)
+        example = example_input(config)
 
-    save_tensors(model.state_dict(), paths.WEIGHTS_FILE)
-    with atomic_path(paths.MODEL_CONFIG) as temp:
-        temp.write_text(json.dumps(config, indent=2) + "\n")
-    export_onnx(model, example, paths.ONNX_FILE, params.export.opset)
-    export_program(model, example, paths.PT2_FILE)
-    test = load_split(paths.SPLIT_DIRS["test"])
-    parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)
-    if parity["onnx_max_abs_logit_diff"] > params.export.max_logit_diff:
-        raise UserError(
-            f"ONNX logits differ from PyTorch by {parity['onnx_max_abs_logit_diff']:.2e}, more than "
-            f"export.max_logit_diff = {params.export.max_logit_diff:g}"
-        )
+        save_tensors(model.state_dict(), paths.WEIGHTS_FILE)
+        with atomic_path(paths.MODEL_CONFIG) as temp:
+            temp.write_text(json.dumps(config, indent=2) + "\n")
+        export_onnx(model, example, paths.ONNX_FILE, params.export.opset)
+        export_program(model, example, paths.PT2_FILE)
+        test = load_split(paths.SPLIT_DIRS["test"])
+        parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)
+        if parity["onnx_max_abs_logit_diff"] > params.export.max_logit_diff:
+            raise UserError(
+                f"ONNX logits differ from PyTorch by {parity['onnx_max_abs_logit_diff']:.2e}, more than "
+                f"export.max_logit_diff = {params.export.max_logit_diff:g}"
+            )
 
-    with atomic_path(paths.EXPORT_METRICS) as temp:
-        temp.write_text(json.dumps(parity, indent=2) + "\n")
+        with atomic_path(paths.EXPORT_METRICS) as temp:
+            temp.write_text(json.dumps(parity, indent=2) + "\n")
 
-    test_accuracy = json.loads(paths.EVAL_METRICS.read_text())["accuracy"]
-    with tracking.resume_run(paths.RUN_FILE):
+        test_accuracy = json.loads(paths.EVAL_METRICS.read_text())["accuracy"]
         tracking.log_results(
             parity, [paths.ONNX_FILE, paths.MODEL_CONFIG, paths.EXPORT_METRICS], folder="export"
         )

@@ -18,7 +18,7 @@ def main() -> None:
     if is_timm(params.train.model):  # an unknown timm name fails before MLflow and the data are touched
         check_architecture(params.train.model)
 
-    from image_classifier import distributed, paths, tracking
+    from image_classifier import distributed, paths, run_states, tracking
     from image_classifier.calibration import calibrated_state
     from image_classifier.data import Meta, load_split
     from image_classifier.device import describe, pick_device, set_threads
@@ -28,8 +28,8 @@ def main() -> None:
     from image_classifier.train import resume_path, train, write_reports
     from image_classifier.warm_start import resolve
 
-    if params.train.processes > 1 and not distributed.is_worker():
-        distributed.relaunch(params.train.processes)  # reruns this script under torchrun
+    if params.train.processes * params.train.nodes > 1 and not distributed.is_worker():
+        distributed.relaunch(params.train.processes, params.train.nodes)  # reruns this script under torchrun
     set_threads(params.train.threads, params.train.processes)
     device = distributed.local_device(pick_device(params.train.device))
     with distributed.process_group(device) as (rank, world), tempfile.TemporaryDirectory() as downloads:
@@ -76,14 +76,14 @@ def main() -> None:
             run_training()
             return
         tags = tracking.source_tags({**data_files, "test": paths.SPLIT_DIRS["test"]}, describe(device))
-        with tracking.start_run(params.flat(), tags) as run_id:
+        with tracking.start_run(params.flat(), tags, checkpoint_path) as run_id:
             tracking.log_dataset(
                 train_split, meta.dataset, "train", paths.SPLIT_DIRS["train"], tags["data.train.md5"]
             )
             tracking.log_dataset(
                 val_split, meta.dataset, "val", paths.SPLIT_DIRS["val"], tags["data.val.md5"]
             )
-            result = run_training(on_epoch=tracking.log_epoch)
+            result = run_training(on_epoch=tracking.epoch_logger(run_id))
             tracking.log_resolved(
                 {
                     "model": model,
@@ -113,7 +113,7 @@ def main() -> None:
                 folder="train",
             )
             tracking.write_run_file(paths.RUN_FILE, run_id)
-        checkpoint_path.unlink()  # training completed: the scratch checkpoint has done its job
+        run_states.forget(checkpoint_path)  # training completed: the scratch checkpoint has done its job
         print(
             f"best validation accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']}, "
             f"{metrics['train_seconds']:.1f}s of training; MLflow run {run_id}"

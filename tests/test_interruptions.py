@@ -1,6 +1,6 @@
-"""The fault suite, interruptions (issue 6): Ctrl-C and SIGKILL during training, SIGKILL in the middle of writing
-fetch, preprocess and export outputs, two `dvc repro` at once, and bad params under `dvc repro`; on a real subset
-of Fashion-MNIST, through DVC, in a fresh copy of the repository.
+"""The fault suite, interruptions (issue 6): Ctrl-C, SIGTERM (issue 18) and SIGKILL during training, SIGKILL in the
+middle of writing fetch, preprocess and export outputs, two `dvc repro` at once, and bad params under `dvc repro`;
+on a real subset of Fashion-MNIST, through DVC, in a fresh copy of the repository.
 
 Training resumes from its last checkpoint and, on the CPU with a fixed seed, ends with weights bit-identical to an
 uninterrupted run; a killed writer never leaves a partial file under an output's name; `dvc repro` recovers.
@@ -9,6 +9,7 @@ uninterrupted run; a killed writer never leaves a partial file under an output's
 import hashlib
 import json
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -99,8 +100,10 @@ class Checkpoint:
 
 def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict) -> None:
     repo, checkpoint = pipeline["repo"], Checkpoint(pipeline["repo"])
+    before = store_runs(repo)
 
-    # Ctrl-C once epoch 1 is checkpointed: the stage stops with "interrupted", the checkpoint stays.
+    # Ctrl-C once epoch 1 is checkpointed: the stage stops with "interrupted", the checkpoint stays, and the
+    # MLflow run ends KILLED (issue 18).
     job = start_command(["dvc", "repro", "train"], repo)
     try:
         wait_for(lambda: checkpoint() >= 1, job, 300, "epoch 1's checkpoint")
@@ -111,6 +114,8 @@ def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict) -
     assert job.returncode != 0 and "interrupted" in output, output[-2000:]
     interrupted = checkpoint()
     assert interrupted >= 1
+    (run_id,) = set(store_runs(repo)) - set(before)
+    assert store_runs(repo)[run_id] == "KILLED" and run_tags(repo, run_id)["stage.train"] == "killed (Ctrl-C)"
 
     # SIGKILL of the whole job once it has checkpointed one more epoch: nothing gets to clean up.
     job = start_command(["dvc", "repro", "train"], repo)
@@ -122,6 +127,9 @@ def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict) -
         kill_group(job)
     killed = checkpoint()
     assert interrupted < killed < 8, (interrupted, killed)
+    assert store_runs(repo)[run_id] == "RUNNING", (
+        "nothing runs at a SIGKILL: the resumed training continued the run"
+    )
     model = repo / "models/model.pt"
     assert not model.exists() or state_dict_hash(model) == pipeline["weights"], "no partial model file"
 
@@ -139,6 +147,12 @@ def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict) -
     assert state_dict_hash(model) == pipeline["weights"]
     assert history_without_timings(repo / "reports/train/history.csv") == pipeline["history"]
     assert not list((repo / "data/resume").glob("*.pt")), "the scratch checkpoint is removed once done"
+    # One training, one MLflow run, whatever happened to it; none left RUNNING (issue 18).
+    assert f"continuing MLflow run {run_id}" in output
+    runs = store_runs(repo)
+    assert set(runs) - set(before) == {run_id} and runs[run_id] == "FINISHED"
+    assert "RUNNING" not in runs.values()
+    assert epoch_steps(repo, run_id) == list(range(1, 9)), "every epoch once"
     assert "up to date" in run(["dvc", "status", "train"], cwd=repo).stdout
 
 
@@ -223,3 +237,65 @@ def test_bad_params_under_dvc_repro_and_the_way_back(pipeline: dict) -> None:
     run(["dvc", "checkout"], cwd=repo)
     assert outputs_snapshot(repo) == before
     assert "up to date" in run(["dvc", "status"], cwd=repo).stdout
+
+
+def store_runs(repo: Path) -> dict[str, str]:
+    """Every run in the repository's MLflow store → its status."""
+    with sqlite3.connect(repo / "mlruns/mlflow.db") as db:
+        rows = db.execute("select run_uuid, status from runs").fetchall()
+    db.close()
+    return dict(rows)
+
+
+def run_tags(repo: Path, run_id: str) -> dict[str, str]:
+    with sqlite3.connect(repo / "mlruns/mlflow.db") as db:
+        rows = db.execute("select key, value from tags where run_uuid = ?", (run_id,)).fetchall()
+    db.close()
+    return dict(rows)
+
+
+def epoch_steps(repo: Path, run_id: str) -> list[int]:
+    with sqlite3.connect(repo / "mlruns/mlflow.db") as db:
+        rows = db.execute(
+            "select step from metrics where run_uuid = ? and key = 'val_accuracy' order by step", (run_id,)
+        ).fetchall()
+    db.close()
+    return [step for (step,) in rows]
+
+
+def test_sigterm_ends_the_run_killed_and_the_resumed_repro_finishes_it(pipeline: dict) -> None:
+    """Issue 18: SIGTERM (kill, scancel, Kubernetes) unwinds like Ctrl-C: the run ends KILLED, the checkpoint
+    stays; the `dvc repro` that resumes continues the same run to FINISHED. (SIGKILL: the test above.)"""
+    repo, checkpoint = pipeline["repo"], Checkpoint(pipeline["repo"])
+    raw = subset_params()
+    raw["train"]["epochs"] = 3  # a training of its own (a new fingerprint), short
+    write_params(repo, raw)
+    before = store_runs(repo)
+
+    job = start_command(["dvc", "repro", "train"], repo)
+    try:
+        wait_for(lambda: checkpoint() >= 1, job, 300, "epoch 1's checkpoint")
+        signal_group(job, signal.SIGTERM)
+        output = job.communicate(timeout=120)[0].decode(errors="replace")
+    finally:
+        kill_group(job)
+    assert job.returncode != 0 and "terminated" in output, output[-2000:]
+    (run_id,) = set(store_runs(repo)) - set(before)
+    assert store_runs(repo)[run_id] == "KILLED"
+    assert run_tags(repo, run_id)["stage.train"] == "killed (SIGTERM)"
+    assert "RUNNING" not in store_runs(repo).values()
+    assert checkpoint() >= 1, "the checkpoint stays"
+    (record,) = (repo / "data/resume").glob("*.run.json")
+    assert json.loads(record.read_text())["run_id"] == run_id
+
+    resumed = run(["dvc", "repro", "train"], cwd=repo).stdout
+    assert f"continuing MLflow run {run_id}" in resumed and "resuming from data/resume/train-" in resumed
+    runs = store_runs(repo)
+    assert set(runs) - set(before) == {run_id} and runs[run_id] == "FINISHED"
+    assert "RUNNING" not in runs.values()
+    tags = run_tags(repo, run_id)
+    assert tags["resumed"] == "1" and tags["stage.train"] == "finished"
+    assert epoch_steps(repo, run_id) == [1, 2, 3]
+    assert json.loads((repo / "reports/train/mlflow_run.json").read_text())["run_id"] == run_id
+    leftovers = [*(repo / "data/resume").glob("*.pt"), *(repo / "data/resume").glob("*.run.json")]
+    assert not leftovers, "checkpoint and record removed once done"

@@ -161,8 +161,9 @@ def create_bucket_with_user(url: str) -> tuple[str, str]:
 def mlflow_server_command(port: int, folder: Path) -> list[str]:
     """The README's (and `make team-server`'s) shared MLflow server: SQLite database, proxied artifacts."""
     return [
-        "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "python", "-m", "image_classifier.team_server", "--host", "127.0.0.1", "--port", str(port),
         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", f"{folder}/artifacts",
+        "--folder", str(folder),
     ]  # fmt: skip
 
 
@@ -273,10 +274,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     mlflow_dir.mkdir()
     s3 = moto_server(s3_port, root)
     mlflow = Server(
-        mlflow_server_command(mlflow_port, mlflow_dir),
-        root / "mlflow-server.log",
-        f"{mlflow_url}/health",
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        mlflow_server_command(mlflow_port, mlflow_dir), root / "mlflow-server.log", f"{mlflow_url}/health"
     )
     try:
         s3.launch()  # both servers start up while A's repository is made
@@ -543,9 +541,16 @@ def test_make_team_server_runs_the_tested_command() -> None:
     """`make team-server` runs the server command the tests run: on 127.0.0.1 unless TEAM_HOST opts out."""
     folder = Path("/srv/mlflow-team")
     dry = run(["make", "-n", "team-server", "PORT=5123", f"TEAM_STORE={folder}"], cwd=REPO).stdout
-    command = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false " + " ".join(mlflow_server_command(5123, folder))
-    assert command in " ".join(dry.replace("\\\n", " ").split())
+    assert " ".join(mlflow_server_command(5123, folder)) in " ".join(dry.replace("\\\n", " ").split())
     opened = run(
-        ["make", "-n", "team-server", "TEAM_HOST=0.0.0.0", "TEAM_ALLOWED_HOSTS=mlflow.example.com"], cwd=REPO
+        [
+            "make",
+            "-n",
+            "team-server",
+            "TEAM_HOST=0.0.0.0",
+            "TEAM_ALLOWED_HOSTS=mlflow.example.com",
+            "TEAM_LOGIN=1",
+        ],
+        cwd=REPO,
     ).stdout
-    assert "--host 0.0.0.0" in opened and "--allowed-hosts mlflow.example.com" in opened
+    assert "--host 0.0.0.0" in opened and "--allowed-hosts mlflow.example.com --login" in opened

@@ -182,13 +182,13 @@ def test_resume_run_reopens_the_training_run_or_starts_a_tagged_one(store: Path,
         mlflow.log_metric("train_loss", 1.0)
     run_file = tmp_path / "mlflow_run.json"
     tracking.write_run_file(run_file, run.info.run_id)
-    with tracking.resume_run(run_file) as run_id:
+    with tracking.resume_run(run_file, "evaluate") as run_id:
         mlflow.log_metric("test_accuracy", 0.5)
     assert run_id == run.info.run_id
     assert MlflowClient().get_run(run_id).data.metrics == {"train_loss": 1.0, "test_accuracy": 0.5}
 
     tracking.write_run_file(run_file, "0" * 32)  # a teammate's run this store never saw
-    with tracking.resume_run(run_file) as run_id:
+    with tracking.resume_run(run_file, "evaluate") as run_id:
         pass
     assert run_id != "0" * 32
     assert MlflowClient().get_run(run_id).data.tags["trained_in_run"] == "0" * 32

@@ -1,21 +1,40 @@
 """Errors a user can fix: stages print them as one line and exit with status 2."""
 
 import re
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 
 
 class UserError(Exception):
     """A problem with the user's input (params, data, files): shown as one line, exit status 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what `kill`, SLURM and Kubernetes send before they kill. A KeyboardInterrupt, so it unwinds
+    exactly like Ctrl-C: the MLflow run ends KILLED, the resume checkpoint stays."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # A second SIGTERM must not cut short the clean-up of the first (ending the run, writing its last
+    # metrics); SLURM and Kubernetes follow up with SIGKILL if the clean-up takes too long.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a stage or command's `main`, turning a UserError into one line on stderr and exit status 2."""
+    """Run a stage or command's `main`, turning a UserError into one line on stderr and exit status 2, Ctrl-C
+    into "interrupted" and 130, SIGTERM into "terminated" and 143 (128 + the signal, as the shell reports)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -141,6 +141,7 @@ class TrainParams(_Section):
     threads: int = Field(ge=0, description="0 (all cores) or a count")
     processes: int = Field(ge=1, le=64, description="1 to 64 processes")
     data_in_memory: bool | Auto = Field(description="true, false or 'auto'")
+    nodes: int = Field(ge=1, le=1024, description="1 to 1024 machines")
     init_from: str
 
     @field_validator("model")

@@ -4,15 +4,19 @@ Train opens one run; evaluate and export reopen it by the id train wrote to a sm
 row in the MLflow UI holds train, validation and test metrics and every exported file.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from image_classifier import run_states
 from image_classifier.data import Split
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_path
@@ -66,8 +71,34 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def display_uri(uri: str) -> str:
+    """`uri` without the password in its user part (`http://user@host` stays, the password goes): for messages
+    and files. The pipeline's own credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD: it never prints them."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
+
+
 @contextmanager
-def _quick_requests() -> Iterator[None]:
+def _sqlite_store_lock(database: Path) -> Iterator[None]:
+    """Parallel runs (`dvc queue start -j N`) share one SQLite store. MLflow creates its tables on first use
+    with no lock (two processes race and one fails), so that first use happens under an exclusive file lock.
+    Then WAL, once per database (SQLite keeps it): readers no longer block the writer and a write does not
+    wait for readers; MLflow already sets busy_timeout to 20 s, so concurrent writers queue instead of failing
+    with "database is locked". WAL needs a local disk: for a shared folder use a tracking server."""
+    with (database.parent / f"{database.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with sqlite3.connect(database, timeout=20) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+        connection.close()
+        yield
+
+
+@contextmanager
+def quick_requests() -> Iterator[None]:
     """Within the block, an HTTP tracking server gets one try and PROBE_TIMEOUT_S seconds, instead of MLflow's
     default of minutes of retries; the defaults come back afterwards, for the uploads of a long run."""
     wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}
@@ -103,19 +134,41 @@ def connect(params: TrackingParams) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        with _quick_requests():
-            experiment = mlflow.get_experiment_by_name(params.experiment)
-            if experiment is None:
-                # Artifacts of a SQLite store sit beside the database; a server decides for itself.
-                artifacts = (database.parent / "artifacts").as_uri() if database is not None else None
-                mlflow.create_experiment(params.experiment, artifact_location=artifacts)
-            mlflow.set_experiment(params.experiment)
-    except (MlflowException, OSError) as error:
+        with quick_requests(), _sqlite_store_lock(database) if database else contextlib.nullcontext():
+            _use_experiment(params.experiment, database)
+    except (MlflowException, OSError, sqlite3.Error) as error:
         raise UserError(
-            f"cannot use the MLflow tracking store {uri} ({_short_reason(error)}); start it, or point "
-            "MLFLOW_TRACKING_URI or tracking.uri in params.yaml at one that works"
+            f"cannot use the MLflow tracking store {display_uri(uri)} ({_short_reason(error)}); "
+            + _remedy(error)
         ) from None
     return uri
+
+
+def _use_experiment(name: str, database: Path | None) -> None:
+    """Make `name` the active experiment, creating it if needed. Against a server, a parallel run may create it
+    between our look and our create: its RESOURCE_ALREADY_EXISTS means the experiment is there."""
+    if mlflow.get_experiment_by_name(name) is None:
+        # Artifacts of a SQLite store sit beside the database; a server decides for itself.
+        artifacts = (database.parent / "artifacts").as_uri() if database is not None else None
+        try:
+            mlflow.create_experiment(name, artifact_location=artifacts)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    mlflow.set_experiment(name)
+
+
+def _remedy(error: Exception) -> str:
+    """What to do about a store that refused us: a login problem, or a store that is not there."""
+    text = str(error)
+    if "401" in text or "Unauthorized" in text:
+        return (
+            "the server wants a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(the username or password given is wrong, or none was given)"
+        )
+    if "403" in text or "PERMISSION_DENIED" in text:
+        return "the user in MLFLOW_TRACKING_USERNAME may not use this experiment: ask the server's admin"
+    return "start it, or point MLFLOW_TRACKING_URI or tracking.uri in params.yaml at one that works"
 
 
 def run_name() -> str:
@@ -181,12 +234,37 @@ def source_tags(data_files: dict[str, Path], device: str) -> dict[str, str]:
 
 
 @contextmanager
-def start_run(flat_params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
-    """A run with every param and the source tags, ended as FAILED if the block raises; yields its id.
+def start_run(
+    flat_params: dict[str, Any], tags: dict[str, str], checkpoint: Path | None = None
+) -> Iterator[str]:
+    """The training's run, with every param and the source tags; yields its id. It ends FINISHED, FAILED if the
+    block raises, KILLED on Ctrl-C or SIGTERM (run_states.ended_honestly).
+
+    With the resume `checkpoint` this training uses, the run id is recorded beside it: a training resumed after
+    any interruption, SIGKILL included, continues the run its checkpoint belongs to instead of leaving that
+    one RUNNING and opening another (tag `resumed` counts how often).
 
     A run from a dirty tree outside a DVC experiment also gets the uncommitted changes as an artifact, and a
     `reproduce` command that applies them."""
-    with mlflow.start_run(run_name=run_name() or None, tags=tags) as run:
+    store = display_uri(mlflow.get_tracking_uri())
+    record = run_states.record_path(checkpoint) if checkpoint else None
+    continued = run_states.run_to_continue(record, store) if record else None
+    if record:
+        run_states.close_abandoned(record.parent, record, store)
+    with (
+        (
+            mlflow.start_run(run_id=continued)
+            if continued
+            else mlflow.start_run(run_name=run_name() or None, tags=tags)
+        ) as run,
+        run_states.ended_honestly("train", quick_requests),
+    ):
+        if continued:
+            resumed = int(run.data.tags.get("resumed", "0")) + 1
+            mlflow.set_tags({**tags, "resumed": str(resumed)})
+            print(f"continuing MLflow run {continued}, which the interrupted training left")
+        if record:
+            run_states.write_record(record, run.info.run_id, store)
         mlflow.log_params(flat_params)
         if tags.get("git.dirty") == "true" and "dvc.experiment" not in tags:
             diff = uncommitted_diff()
@@ -226,6 +304,19 @@ def log_results(metrics: dict[str, float], artifacts: list[Path], folder: str | 
     mlflow.log_metrics(metrics)
     for path in artifacts:
         mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def epoch_logger(run_id: str) -> Callable[[dict[str, float]], None]:
+    """log_epoch, less the epochs `run_id` already holds: a continued run gets from the resumed training's
+    replayed history only what the interrupted attempt had not logged. (An epoch trained again after the last
+    checkpoint keeps its first values: on the CPU they are the same numbers.)"""
+    done = run_states.logged_steps(run_id)
+
+    def log(stats: dict[str, float]) -> None:
+        if int(stats["epoch"]) not in done:
+            log_epoch(stats)
+
+    return log
 
 
 def log_epoch(stats: dict[str, float]) -> None:
@@ -281,22 +372,30 @@ def write_run_file(path: Path, run_id: str) -> None:
 
 
 def read_run_id(path: Path) -> str:
-    return json.loads(Path(path).read_text())["run_id"]
+    try:
+        return json.loads(Path(path).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{path} is missing or damaged (it names the training's MLflow run); run the train stage again "
+            "(dvc repro), or get it back with dvc checkout"
+        ) from None
 
 
 @contextmanager
-def resume_run(run_file: Path) -> Iterator[str]:
-    """Reopen the training run named in `run_file`. If this store lacks it (outputs pulled from a teammate
-    without their MLflow server), open a new run tagged with the missing id rather than lose the results."""
+def resume_run(run_file: Path, stage: str) -> Iterator[str]:
+    """Reopen the training run named in `run_file` for `stage`, which ends it FINISHED, or FAILED or KILLED
+    with the cause in tag `stage.<stage>` (a failed evaluate or export marks the run). If this store lacks the
+    run (outputs pulled from a teammate without their MLflow server), open a new run tagged with the missing id
+    rather than lose the results."""
     run_id = read_run_id(run_file)
     try:
         MlflowClient().get_run(run_id)
     except MlflowException:
         print(f"warning: MLflow run {run_id} is not in this store; logging to a new run", file=sys.stderr)
-        with mlflow.start_run(run_name=run_name() or None, tags={"trained_in_run": run_id}) as run:
-            yield run.info.run_id
-        return
-    with mlflow.start_run(run_id=run_id) as run:
+        opened = mlflow.start_run(run_name=run_name() or None, tags={"trained_in_run": run_id})
+    else:
+        opened = mlflow.start_run(run_id=run_id)
+    with opened as run, run_states.ended_honestly(stage, quick_requests):
         yield run.info.run_id
 
 
@@ -390,7 +489,7 @@ def download_registered_weights(uri: str, params: TrackingParams, folder: Path) 
     mlflow.set_registry_uri(store)
     client = MlflowClient()
     try:
-        with _quick_requests():
+        with quick_requests():
             try:
                 registered = client.get_registered_model(name)
             except MlflowException as error:
