@@ -2,16 +2,20 @@
 on one study, and Ctrl-C then resume. The studies run on a 2,000-image Fashion-MNIST subset, 3 epochs a trial."""
 
 import json
+import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from conftest import FASHION_DIR, REPO, copy_repo, default_params, run, tiny_params_dict, write_params
+from postgres_server import Postgres, postgres_bin
 
 from image_classifier.errors import UserError
 from image_classifier.search_space import load_space
@@ -138,28 +142,61 @@ def test_a_study_prunes_logs_each_trial_and_its_winner_reproduces(repo: Path) ->
     assert metrics["best_val_accuracy"] == best  # the same training, bit for bit
 
 
-@pytest.mark.slow
-def test_two_processes_share_one_study_without_losing_or_repeating_a_trial(repo: Path) -> None:
-    tune_bin = str(BIN / "tune")
+@pytest.fixture
+def postgres_storage() -> Iterator[tuple[str, dict[str, str]]]:
+    """A real PostgreSQL on 127.0.0.1 (Debian's package): the storage URL, and the password in the environment
+    (PGPASSWORD), never in the URL."""
+    if postgres_bin() is None:
+        pytest.skip("needs Debian's postgresql (make setup-test installs it)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = Postgres(port).start()
+    try:
+        server.create_database("optuna", "tune-test-password", "optuna")
+        yield f"postgresql+psycopg://optuna@127.0.0.1:{port}/optuna", {"PGPASSWORD": "tune-test-password"}
+    finally:
+        server.stop()
+
+
+def two_tunes_at_once(repo: Path, study: str, *storage: str, env: dict[str, str] | None = None) -> None:
+    command = [str(BIN / "tune"), "--trials", "2", "--study", study, *storage]
     processes = [
         subprocess.Popen(
-            [tune_bin, "--trials", "2", "--study", "pair"],
+            command,
             cwd=repo,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         for _ in range(2)
     ]
     for process in processes:
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-2000:]
-    trials = study_trials(repo, "pair")
+
+
+def check_no_trial_lost_or_repeated(repo: Path, trials: list[optuna.trial.FrozenTrial], study: str) -> None:
     assert sorted(trial.number for trial in trials) == [0, 1, 2, 3]
     assert all(trial.state.name in ("COMPLETE", "PRUNED") for trial in trials)
-    children = [r for r in mlflow_runs(repo, "pair") if "mlflow.parentRunId" in r["tags"]]
+    children = [r for r in mlflow_runs(repo, study) if "mlflow.parentRunId" in r["tags"]]
     assert sorted(int(r["tags"]["tune.trial"]) for r in children) == [0, 1, 2, 3]
     assert len({r["tags"]["mlflow.parentRunId"] for r in children}) == 1  # one parent for both processes
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_sqlite_study_without_losing_or_repeating_a_trial(repo: Path) -> None:
+    two_tunes_at_once(repo, "pair")
+    check_no_trial_lost_or_repeated(repo, study_trials(repo, "pair"), "pair")
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_postgresql_study(repo: Path, postgres_storage: tuple[str, dict]) -> None:
+    url, env = postgres_storage
+    two_tunes_at_once(repo, "pg", "--storage", url, env=env)
+    storage = optuna.storages.RDBStorage(url.replace("optuna@", f"optuna:{env['PGPASSWORD']}@"))
+    check_no_trial_lost_or_repeated(repo, optuna.load_study(study_name="pg", storage=storage).trials, "pg")
 
 
 @pytest.mark.slow
