@@ -32,6 +32,7 @@ PRUNER_WARMUP_EPOCHS = 2
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 CLAIM_ATTR = "mlflow_parent_claim"
 CLAIM_SECONDS = 2.0
+STORAGE_ATTEMPTS = 4
 
 
 def best_command(values: dict[str, Any]) -> str:
@@ -52,14 +53,22 @@ def open_study(name: str, storage: str | None, seed: int | None) -> Any:
         storage = f"sqlite:///{paths.TUNE_STORAGE}"
     # SQLite: wait for the other process's write instead of failing on a locked database.
     engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-    try:
-        store = optuna.storages.RDBStorage(
-            storage, engine_kwargs=engine, heartbeat_interval=60, grace_period=120
-        )
-    except Exception as error:  # a bad URL, a server that is not there, a missing driver
-        raise UserError(
-            f"cannot open the study storage {storage}: {' '.join(str(error).split())[:200]}"
-        ) from None
+    store = None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            store = optuna.storages.RDBStorage(
+                storage, engine_kwargs=engine, heartbeat_interval=60, grace_period=120
+            )
+            break
+        except Exception as error:  # a bad URL, a server that is not there, a missing driver
+            # Processes that start together on an empty database race to create Optuna's tables: the loser sees
+            # "already exists", and the tables are there when it tries again.
+            if "already exists" in str(error) and attempt + 1 < STORAGE_ATTEMPTS:
+                time.sleep(1 + attempt)
+                continue
+            raise UserError(
+                f"cannot open the study storage {storage}: {' '.join(str(error).split())[:200]}"
+            ) from None
     return optuna.create_study(
         study_name=name,
         storage=store,
