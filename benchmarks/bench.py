@@ -200,17 +200,22 @@ def preprocess_all() -> dict:
 STAGE_NAMES = ("fetch", "preprocess", "train", "evaluate", "export")
 
 
+def copy_repository(repo: Path) -> Path:
+    """The project's tracked files in a fresh folder (not yet a git or DVC repository)."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in files.stdout.split():
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            (repo / name).write_bytes((REPO / name).read_bytes())
+    return repo
+
+
 def small_folder_pipeline(device_name: str, count: int = 200) -> dict:
     """`dvc repro` with the defaults on a folder of `count` real photos-as-PNGs (Fashion-MNIST test images), in a
     fresh copy of the repository: the whole wall time against the training time it contains, then each stage's
     process alone (start-up included) on the same data."""
     with tempfile.TemporaryDirectory() as scratch:
-        repo = Path(scratch) / "repo"
-        files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
-        for name in files.stdout.split():
-            if (REPO / name).is_file():
-                (repo / name).parent.mkdir(parents=True, exist_ok=True)
-                (repo / name).write_bytes((REPO / name).read_bytes())
+        repo = copy_repository(Path(scratch) / "repo")
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
         def command(*args: str) -> float:

@@ -143,13 +143,10 @@ def timms(folder: Path, size: int, train_py: Path, precision: str) -> dict:
 
 def fine_tune(count: int, size: int, epochs: int) -> dict:
     """`dvc repro` on a folder of `count` real images with train.model timm:resnet18 from random weights."""
+    from bench import copy_repository
+
     with tempfile.TemporaryDirectory() as scratch:
-        repo = Path(scratch) / "repo"
-        files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
-        for name in files.stdout.split():
-            if (REPO / name).is_file():
-                (repo / name).parent.mkdir(parents=True, exist_ok=True)
-                (repo / name).write_bytes((REPO / name).read_bytes())
+        repo = copy_repository(Path(scratch) / "repo")
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         for command in (["git", "init", "-q"], ["dvc", "init", "-q", "-f"]):
             subprocess.run(command, cwd=repo, env=env, check=True)
