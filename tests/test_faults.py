@@ -61,6 +61,15 @@ def repo(prepared: Path, tmp_path: Path) -> Path:
 Setup = Callable[[Path], None]
 
 
+def timm_weights_for_another_architecture(repo: Path) -> None:
+    """A ViT's weights named as the pretrained weights of a ResNet."""
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("test_vit").state_dict(), str(repo / "vit.safetensors"))
+    set_params(train={"model": "timm:test_resnet", "pretrained": "vit.safetensors"})(repo)
+
+
 def set_params(**sections: dict) -> Setup:
     """Change keys of params.yaml: set_params(train={"lr": 0})."""
 
@@ -298,6 +307,16 @@ PARAMS_CASES = {
         PREPROCESS,
         set_params(preprocess={"train_subset": 301}),
         (r"preprocess.train_subset = 301 is more than the 300 training images",),
+    ),
+    "unknown-timm-architecture": Case(
+        PREPROCESS,
+        set_params(train={"model": "timm:resnet19"}),
+        (r"train.model = 'timm:resnet19': timm has no architecture 'resnet19'; closest: resnet18",),
+    ),
+    "pretrained-weights-of-another-architecture": Case(
+        TRAIN,
+        timm_weights_for_another_architecture,
+        (r"train.pretrained: .*vit.safetensors does not fit timm:test_resnet: missing conv1.0.weight",),
     ),
     "tracking-store-unreachable": Case(
         TRAIN,
