@@ -224,7 +224,12 @@ def test_ctrl_c_keeps_finished_trials_and_tune_resumes_the_study(repo: Path) -> 
     assert states[0] in ("COMPLETE", "PRUNED") and states[1] == "FAIL"
     interrupted = [r for r in mlflow_runs(repo, "stopped") if r["tags"].get("tune.trial") == "1"]
     assert [r["status"] for r in interrupted] == ["KILLED"]
+    parent = [r for r in mlflow_runs(repo, "stopped") if "mlflow.parentRunId" not in r["tags"]]
+    assert [r["status"] for r in parent] == ["KILLED"]  # honest: interrupted, not failed and not running
 
     tune(repo, "--trials", "1", "--study", "stopped")
+    assert {r["status"] for r in mlflow_runs(repo, "stopped") if "mlflow.parentRunId" not in r["tags"]} == {
+        "FINISHED"
+    }
     trials = study_trials(repo, "stopped")
     assert [trial.number for trial in trials] == [0, 1, 2] and trials[2].state.name in ("COMPLETE", "PRUNED")

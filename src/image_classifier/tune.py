@@ -102,11 +102,16 @@ def run(args: argparse.Namespace) -> None:
     with mlflow.start_run(
         run_id=parent_run(study, args.study, Path(args.space), base_params.tracking.experiment)
     ):
-        started = time.perf_counter()
+        started, status = time.perf_counter(), "FAILED"
         try:
             study.optimize(trials.objective, n_trials=args.trials, timeout=args.timeout, gc_after_trial=True)
+            status = "FINISHED"
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the same command resumes the study
+            status = "KILLED"
+            raise
         finally:
             trials.report_study(study, time.perf_counter() - started)
+            mlflow.end_run(status)  # `with` alone would end an interrupted run FAILED
     print(f"best trial {study.best_trial.number}: validation accuracy {study.best_value:.4f}")
     print(best_command(study.best_trial.params))
 
