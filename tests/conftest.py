@@ -247,15 +247,31 @@ def run(args: list[str], cwd: Path, check: bool = True, **kwargs: Any) -> subpro
     return result
 
 
-@pytest.fixture(autouse=True)
-def _mlflow_uri_stays_in_its_test() -> Iterator[None]:
-    """`mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ: without this, every command a
-    later test starts would log to the store of the last test that connected in-process."""
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    before = {name: os.environ.get(name) for name in names}
+MLFLOW_URI_NAMES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def _mlflow_uri_restored() -> Iterator[None]:
+    before = {name: os.environ.get(name) for name in MLFLOW_URI_NAMES}
     yield
     for name, value in before.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_stays_in_its_test() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ: without this, every command a
+    later test starts would log to the store of the last test that connected in-process."""
+    with _mlflow_uri_restored():
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mlflow_uri_stays_in_its_module() -> Iterator[None]:
+    """The same for a module-scoped fixture that connects in-process (test_mlflow_pipeline's): autouse, so it is
+    set up before the module's other fixtures and torn down after them."""
+    with _mlflow_uri_restored():
+        yield

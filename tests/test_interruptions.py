@@ -230,7 +230,9 @@ def test_bad_params_under_dvc_repro_and_the_way_back(pipeline: dict) -> None:
     result = run_command(["dvc", "repro"], repo)
     assert result.returncode != 0
     errors = [line for line in visible_lines(result.stderr) if line.startswith("error: ")]
-    assert errors == ["error: params.yaml: train.lr = 0 is out of range; allowed: a number in (0, 10]"]
+    assert errors == [
+        "error: params.yaml: train.lr = 0 is out of range; allowed: a number in (0, 10] or 'auto'"
+    ]
     assert not (repo / "models/model.pt").exists(), "DVC removed train's outputs before running it"
 
     run(["git", "checkout", "--", "params.yaml", "reports"], cwd=repo)

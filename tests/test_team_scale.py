@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO, copy_repo, default_params, run, write_params
 from image_folders import shapes_folder
 from test_team import (
@@ -43,6 +42,7 @@ from test_team import (
     s3_client,
 )
 
+from image_classifier.data import load_split
 from image_classifier.models import to_float
 
 pytest.importorskip("psycopg", reason="needs the test extra: pip install -e '.[test]' (psycopg)")
@@ -238,7 +238,7 @@ def test_team_server_on_postgresql_and_s3_with_logins(team: Team) -> None:
 
     # A second clone, with no access to A's folders, loads the champion as the reader.
     b = copy_repo(team.root / "b")
-    test_images = torch.load(team.a / "data/processed/test.pt", weights_only=True)["images"]
+    test_images = load_split(team.a / "data/processed/test").in_memory().images
     images = to_float(test_images).numpy()
     np.save(b / "images.npy", images)
     hidden = team.root / "a-hidden"

@@ -201,21 +201,25 @@ def test_two_processes_share_one_postgresql_study(repo: Path, postgres_storage: 
 
 @pytest.mark.slow
 def test_ctrl_c_keeps_finished_trials_and_tune_resumes_the_study(repo: Path) -> None:
+    # Trials of 40 epochs (seconds each) give the interruption a trial to land in.
+    (repo / "stopped.yaml").write_text(
+        "train.lr: {low: 0.05, high: 0.2, log: true}\ntrain.epochs: {choices: [40]}\n"
+    )
     process = subprocess.Popen(
-        [str(BIN / "tune"), "--trials", "3", "--study", "stopped"],
+        [str(BIN / "tune"), "--trials", "3", "--study", "stopped", "--space", "stopped.yaml"],
         cwd=repo,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        time.sleep(1)
+    while time.monotonic() < deadline:  # a trial takes seconds: look often
+        time.sleep(0.05)
         try:
             trials = study_trials(repo, "stopped")
         except KeyError:  # the study is not created yet
             continue
-        if len(trials) == 2:  # the first finished, the second running
+        if len(trials) == 2 and trials[1].state.name == "RUNNING":  # the first finished, the second running
             break
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
@@ -227,7 +231,7 @@ def test_ctrl_c_keeps_finished_trials_and_tune_resumes_the_study(repo: Path) -> 
     parent = [r for r in mlflow_runs(repo, "stopped") if "mlflow.parentRunId" not in r["tags"]]
     assert [r["status"] for r in parent] == ["KILLED"]  # honest: interrupted, not failed and not running
 
-    tune(repo, "--trials", "1", "--study", "stopped")
+    tune(repo, "--trials", "1", "--study", "stopped", "--space", "stopped.yaml")
     assert {r["status"] for r in mlflow_runs(repo, "stopped") if "mlflow.parentRunId" not in r["tags"]} == {
         "FINISHED"
     }
