@@ -8,12 +8,16 @@ call, the same for a whole batch: that is not per-image augmentation, hence the 
 Mixup and cutmix (a random pairing and one mixing ratio per batch by design) are torchvision's.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from image_classifier.params import TrainParams
+if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
+    from image_classifier.params import TrainParams
 
 
 def augment(images: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:

@@ -5,10 +5,13 @@ never unpickled. A split's images are a tensor (decoded in memory, or loaded) or
 demand); everything here works on either, a bounded chunk at a time.
 """
 
+from __future__ import annotations
+
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,8 +26,10 @@ from image_classifier.datasets import (
 )
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_path
-from image_classifier.params import PreprocessParams
 from image_classifier.storage import CHUNK_BYTES, MappedImages, read_split, write_split
+
+if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
+    from image_classifier.params import PreprocessParams
 
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 data with 3 and 1 dimensions
 # How to recover a damaged processed file: DVC's cache has the last good copy, or the stage rebuilds it.
@@ -39,13 +44,13 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: torch.Tensor) -> "Split":
+    def subset(self, indices: torch.Tensor) -> Split:
         """The images at `indices`; a mapped split stays mapped (nothing is read yet)."""
         if isinstance(self.images, MappedImages):
             return Split(self.images.subset(indices), self.labels[indices])
         return Split(self.images[indices], self.labels[indices])
 
-    def in_memory(self) -> "Split":
+    def in_memory(self) -> Split:
         if isinstance(self.images, MappedImages):
             return Split(self.images.load(), self.labels)
         return self
@@ -68,7 +73,7 @@ class Meta:
             temp.write_text(json.dumps(self.__dict__, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "Meta":
+    def load(cls, path: Path) -> Meta:
         try:
             return cls(**json.loads(Path(path).read_text()))
         except FileNotFoundError:
@@ -92,25 +97,28 @@ def decode_idx(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
 
 
 def _read_idx(path: Path, kind: str) -> torch.Tensor:
+    """An IDX file's uint8 array: a 4-byte magic number (type and number of dimensions), one big-endian 4-byte
+    size per dimension, then the data. Read with numpy, not torchvision's reader: torchvision takes a second to
+    import and brings PIL, which the GPU benchmark's bare machine need not have."""
     _require_fetched(path)
     with path.open("rb") as file:
         header = file.read(4)
-    if len(header) < 4:
-        raise UserError(f"{path} is empty or truncated ({len(header)} bytes); delete it and fetch again")
-    magic = int.from_bytes(header, "big")
-    if magic != IDX_MAGIC[kind]:
-        raise UserError(f"{path}: IDX magic number {magic} is wrong; expected {IDX_MAGIC[kind]} for {kind}")
-    # torchvision.datasets takes a second to import: only the stage that decodes IDX files pays for it.
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
-    reader = read_image_file if kind == "images" else read_label_file
-    try:
-        return reader(str(path))
-    except (AssertionError, RuntimeError, ValueError):  # torchvision asserts the size matches the header
+        if len(header) < 4:
+            raise UserError(f"{path} is empty or truncated ({len(header)} bytes); delete it and fetch again")
+        magic = int.from_bytes(header, "big")
+        if magic != IDX_MAGIC[kind]:
+            raise UserError(
+                f"{path}: IDX magic number {magic} is wrong; expected {IDX_MAGIC[kind]} for {kind}"
+            )
+        sizes = file.read(4 * (magic & 0xFF))
+    shape = [int.from_bytes(sizes[i : i + 4], "big") for i in range(0, len(sizes), 4)]
+    data = np.fromfile(path, dtype=np.uint8, offset=4 + len(sizes))
+    if len(sizes) < 4 * (magic & 0xFF) or len(data) != np.prod(shape):
         raise UserError(
             f"{path}: not a valid IDX {kind} file: its {path.stat().st_size} bytes do not match its header; "
             "delete it and fetch again"
-        ) from None
+        )
+    return torch.from_numpy(data.reshape(shape))
 
 
 def _require_fetched(path: Path) -> None:

@@ -5,14 +5,18 @@ A model takes float32 images (N, C, H, W) scaled to 0..1 and returns logits. Nor
 ONNX, torch.export, MLflow and `predict` all feed the same plain input and cannot disagree about statistics.
 """
 
-from typing import Any
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from image_classifier import backbones
 from image_classifier.backbones import Weights, is_timm
-from image_classifier.params import TrainParams
+
+if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
+    from image_classifier.params import TrainParams
 
 
 class QuickstartMLP(nn.Module):

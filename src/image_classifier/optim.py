@@ -1,14 +1,19 @@
 """Optimiser (parameter groups, freezing), learning-rate schedule, weight averaging (EMA) and class weights for
 the loss."""
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from image_classifier.params import TrainParams
 from image_classifier.plan import TrainingPlan
+
+if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
+    from image_classifier.params import TrainParams
 
 
 def parameter_groups(model: nn.Module, plan: TrainingPlan) -> list[dict]:

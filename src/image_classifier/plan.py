@@ -6,11 +6,16 @@ epochs. Both are the same rule: about `train.target_steps` optimiser steps, in b
 epoch several steps. Every choice is explained in one line, printed and logged.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from image_classifier.backbones import is_timm
-from image_classifier.params import TrainParams
+
+if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
+    from image_classifier.params import TrainParams
 
 # `batch_size: auto` starts here, the batch the default learning rate was tuned for on Fashion-MNIST...
 REFERENCE_BATCH = 256

@@ -6,6 +6,8 @@ validates, keeps the best weights, checkpoints and stops early when validation s
 syncs the device inside an epoch except the progress bar's counter.
 """
 
+from __future__ import annotations
+
 import copy
 import hashlib
 import json
@@ -14,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,10 @@ from image_classifier.optim import (
     set_backbone_trainable,
     warmup_epochs,
 )
-from image_classifier.params import TrainParams
 from image_classifier.plan import TrainingPlan, batch_starts, plan_training
-from image_classifier.plots import save_training_curves
+
+if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
+    from image_classifier.params import TrainParams
 from image_classifier.warm_start import WarmStartReport, load_initial_weights
 
 # A resumable checkpoint at most this often: an epoch of a 200-image folder takes a tenth of a second, and
@@ -99,6 +102,9 @@ def write_reports(
     }
     with atomic_path(metrics_json) as temp:
         temp.write_text(json.dumps(metrics, indent=2) + "\n")
+    # Here, not at the top: matplotlib is absent where the GPU benchmark trains (only torch is installed).
+    from image_classifier.plots import save_training_curves
+
     save_training_curves(result.history, curves_png)
     return metrics
 

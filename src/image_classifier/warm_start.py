@@ -5,17 +5,21 @@ The PyTorch quickstart's `load_state_dict(strict=False)`, made explicit: every k
 a 1-channel stem in a 3-channel model, a head for another class count), and the report says which.
 """
 
+from __future__ import annotations
+
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from image_classifier import paths
 from image_classifier.errors import UserError, load_failure
 from image_classifier.models import ImageClassifier, build_model
-from image_classifier.params import TrackingParams
+
+if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
+    from image_classifier.params import TrackingParams
 
 # The input normalisation belongs to the data set being trained on (its meta.json), never to the earlier one;
 # the temperature belongs to the earlier weights (fitted after their training) and is fitted again after this one.
