@@ -200,6 +200,8 @@ def _erase(x: torch.Tensor, probability: float, generator: torch.Generator) -> t
 def mix(params: TrainParams, num_classes: int):
     """Mixup and/or cutmix as torchvision's batch transforms (`images, labels -> images, soft labels`), or None.
     With both on, each batch picks one. They draw from torch's global generator, which checkpoints save."""
+    if not (params.mixup or params.cutmix):
+        return None  # and no torchvision import: it takes a second, and brings PIL
     from torchvision.transforms import v2
 
     chosen = []
@@ -207,6 +209,4 @@ def mix(params: TrainParams, num_classes: int):
         chosen.append(v2.MixUp(alpha=params.mixup, num_classes=num_classes))
     if params.cutmix:
         chosen.append(v2.CutMix(alpha=params.cutmix, num_classes=num_classes))
-    if not chosen:
-        return None
     return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen)
