@@ -15,6 +15,7 @@ from image_classifier import params as params_module
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench
+import bench_gpu
 
 # What the bare GPU machine does not have, or the GPU path must not need: importing any of them fails.
 ABSENT = (
@@ -44,6 +45,7 @@ compile_ = torch.compile
 torch.compile = lambda model, mode=None: compile_(model, backend="eager")
 sys.path[:0] = ["src", "benchmarks"]
 import bench
+import bench_gpu
 tutorial = bench.quickstart_tutorial
 def tutorial_with_pil(*args, **kwargs):
     del sys.modules["PIL"]
@@ -101,7 +103,7 @@ def test_gpu_mode_on_the_cpu_prints_every_row_without_the_absent_packages(idx_fo
     assert lines[2] == "| Measurement | Time | Test accuracy | vs tutorial | Peak GPU memory |"
     assert out.read_text().splitlines() == lines  # the file holds the same table
     rows = table_rows(done.stdout)
-    assert len(rows) == 2 + 1 + 1 + len(bench.COMPILE_MODES), list(rows)
+    assert len(rows) == 2 + 1 + 1 + len(bench_gpu.COMPILE_MODES), list(rows)
     assert all(cells[-1] == "n/a (cpu)" for cells in rows.values())
 
     tutorial = row(rows, "Quickstart tutorial as written")
@@ -124,14 +126,16 @@ def test_gpu_mode_on_the_cpu_prints_every_row_without_the_absent_packages(idx_fo
 
     long = row(rows, "Long config (`")
     assert re.search(
-        r"within 3 s of training, [12] epochs fitted", next(n for n in rows if n.startswith("Long"))
+        r"within 10 s of training, [12] epochs fitted", next(n for n in rows if n.startswith("Long"))
     )
-    trained = re.fullmatch(r"(\d+\.\d+) s trained, best at (\d+\.\d+) s", long[0])
+    trained = re.fullmatch(
+        r"(\d+\.\d+) s trained, best at (\d+\.\d+) s( \(past 10 s: slower than the timing run\))?", long[0]
+    )
     assert trained, long
-    assert 0 < float(trained.group(2)) <= min(float(trained.group(1)), 3.0)
+    assert 0 < float(trained.group(2)) <= float(trained.group(1))
     assert accuracy(long[1]) > 0.2  # twice chance: translations make these two short epochs harder
 
-    for mode in bench.COMPILE_MODES:
+    for mode in bench_gpu.COMPILE_MODES:
         cells = row(rows, f"Fast config with `-S train.compile={mode}`")
         timed = re.fullmatch(r"(\d+\.\d+) s \(\+ (\d+\.\d+) s compile\)", cells[0])
         assert timed, cells
@@ -151,8 +155,11 @@ def test_gpu_mode_refuses_in_one_line_without_a_gpu() -> None:
     )
     assert done.returncode == 2
     assert done.stdout == ""
-    assert done.stderr.splitlines() == [bench.GPU_REFUSAL]
-    assert "torch.cuda.is_available() is False" in bench.GPU_REFUSAL and "--device cpu" in bench.GPU_REFUSAL
+    assert done.stderr.splitlines() == [bench_gpu.GPU_REFUSAL]
+    assert (
+        "torch.cuda.is_available() is False" in bench_gpu.GPU_REFUSAL
+        and "--device cpu" in bench_gpu.GPU_REFUSAL
+    )
 
 
 def test_missing_data_is_one_line_too(tmp_path: Path) -> None:
@@ -164,16 +171,16 @@ def test_missing_data_is_one_line_too(tmp_path: Path) -> None:
 
 
 def test_plain_train_params_are_train_params_without_pydantic() -> None:
-    assert set(vars(bench.plain_train_params({}))) == set(params_module.TrainParams.model_fields)
+    assert set(vars(bench_gpu.plain_train_params({}))) == set(params_module.TrainParams.model_fields)
     configs = [
         {**bench.QUICKSTART_RECIPE, "precision": "fp32"},
-        bench.GPU_FAST,
-        {**bench.GPU_LONG, "epochs": bench.GPU_LONG_MAX_EPOCHS},
-        *({**bench.GPU_FAST, "compile": mode} for mode in bench.COMPILE_MODES),
+        bench_gpu.GPU_FAST,
+        {**bench_gpu.GPU_LONG, "epochs": bench_gpu.GPU_LONG_MAX_EPOCHS},
+        *({**bench_gpu.GPU_FAST, "compile": mode} for mode in bench_gpu.COMPILE_MODES),
     ]
     for config in configs:
-        plain = bench.plain_train_params({**config, "device": "cuda"})
+        plain = bench_gpu.plain_train_params({**config, "device": "cuda"})
         # Valid, and exactly what TrainParams would hold: it converts nothing (strict).
         assert params_module.TrainParams.model_validate(vars(plain)).model_dump() == vars(plain)
     with pytest.raises(ValueError, match=r"not in params\.yaml's train section: widht"):
-        bench.plain_train_params({"widht": 64})
+        bench_gpu.plain_train_params({"widht": 64})
