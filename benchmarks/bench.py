@@ -148,7 +148,7 @@ def our_train(
     from image_classifier.data import channel_stats, decode_idx, stratified_indices
     from image_classifier.datasets import get_dataset
     from image_classifier.device import set_threads
-    from image_classifier.models import predict_logits, resolve_model
+    from image_classifier.models import model_config, predict_logits
     from image_classifier.train import train
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -160,17 +160,14 @@ def our_train(
     rest, val_index = stratified_indices(splits["train"].labels, val_size, seed=0)
     train_split, val_split = splits["train"].subset(rest), splits["train"].subset(val_index)
     mean, std = channel_stats(train_split.images)
-    model_name, width = resolve_model(params.train.model, params.train.width, spec.name)
-    config = {
-        "dataset": spec.name,
-        "model": model_name,
-        "width": width,
-        "test_time_flip": params.train.test_time_flip,
-        "image_shape": list(spec.image_shape),
-        "classes": list(spec.classes),
-        "mean": mean if normalise else [0.0],
-        "std": std if normalise else [1.0],
-    }
+    config, _ = model_config(
+        params.train,
+        spec.name,
+        list(spec.image_shape),
+        list(spec.classes),
+        mean if normalise else [0.0],
+        std if normalise else [1.0],
+    )
     device = torch.device(device_name)
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()

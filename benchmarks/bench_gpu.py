@@ -107,7 +107,7 @@ def gpu_train(overrides: dict, spec, splits: dict, device, probe: dict | None = 
     import torch
 
     from image_classifier.data import channel_stats
-    from image_classifier.models import build_model, predict_logits, resolve_model
+    from image_classifier.models import build_model, model_config, predict_logits
     from image_classifier.plan import plan_training
     from image_classifier.train import train
 
@@ -117,17 +117,7 @@ def gpu_train(overrides: dict, spec, splits: dict, device, probe: dict | None = 
     if probe and probe.pop("every_epoch", False):
         probe["every"] = plan.steps_per_epoch
     mean, std = channel_stats(train_split.images)
-    model_name, width = resolve_model(params.model, params.width, spec.name)
-    config = {
-        "dataset": spec.name,
-        "model": model_name,
-        "width": width,
-        "test_time_flip": params.test_time_flip,
-        "image_shape": list(spec.image_shape),
-        "classes": list(spec.classes),
-        "mean": mean,
-        "std": std,
-    }
+    config, _ = model_config(params, spec.name, list(spec.image_shape), list(spec.classes), mean, std)
     torch.compiler.reset()  # each compiled row compiles its own model from scratch
     result = None
     with (

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_CONFIG, learnable_images
+from conftest import REPO, TINY_MODEL_CONFIG, learnable_images
 
+from image_classifier import params as params_module
 from image_classifier.augment import augment
 from image_classifier.data import Split
 from image_classifier.errors import UserError
-from image_classifier.models import QuickstartMLP, build_model
+from image_classifier.models import CNN_LAYOUT, QuickstartMLP, build_model, model_config
 from image_classifier.optim import class_weights, make_ema
 from image_classifier.plan import batch_starts, plan_training
 from image_classifier.train import Selection, resume_path, train
@@ -52,6 +53,21 @@ def test_models_adapt_to_input_shape(name: str, shape: tuple[int, int, int]) -> 
         }
     )
     assert model(torch.rand(3, *shape)).shape == (3, 10)
+
+
+def test_cnn_layout_is_saved_in_the_config_and_older_files_rebuild_as_they_were(tmp_path: Path) -> None:
+    params = params_module.load(REPO / "params.yaml").train
+    config, _ = model_config(params, "fashion-mnist", [1, 28, 28], list(CONFIG["classes"]), [0.3], [0.3])
+    assert config["model"] == "cnn" and config["model_kwargs"] == CNN_LAYOUT
+    new = build_model(config)
+    convs = [m for m in new.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(3, 3)] * 5  # full-resolution stem, two convs in each group
+    # A model file saved before the layout was a config key: its keys and shapes load into the same network.
+    older = {key: value for key, value in config.items() if key != "model_kwargs"}
+    convs = [m for m in build_model(older).network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(2, 2), (3, 3), (3, 3)]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        build_model(older).load_state_dict(new.state_dict())
 
 
 def test_augment_keeps_shape_and_translates_content() -> None:
