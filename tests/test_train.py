@@ -61,12 +61,13 @@ def test_cnn_layout_is_saved_in_the_config_and_older_files_rebuild_as_they_were(
     assert config["model"] == "cnn" and config["model_kwargs"] == CNN_LAYOUT
     new = build_model(config)
     convs = [m for m in new.network.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [c.kernel_size for c in convs] == [(3, 3)] * 5  # full-resolution stem, two convs in each group
+    assert [(c.kernel_size, c.stride) for c in convs][:2] == [((3, 3), (2, 2)), ((3, 3), (1, 1))]
+    assert len(convs) == 5  # a strided 3x3 stem, two convs in each group
     # A model file saved before the layout was a config key: its keys and shapes load into the same network.
     older = {key: value for key, value in config.items() if key != "model_kwargs"}
     convs = [m for m in build_model(older).network.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.kernel_size for c in convs] == [(2, 2), (3, 3), (3, 3)]
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(RuntimeError, match="size mismatch for network.features.0.weight"):
         build_model(older).load_state_dict(new.state_dict())
 
 
