@@ -67,7 +67,7 @@ def test_cnn_layout_is_saved_in_the_config_and_older_files_rebuild_as_they_were(
     older = {key: value for key, value in config.items() if key != "model_kwargs"}
     convs = [m for m in build_model(older).network.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.kernel_size for c in convs] == [(2, 2), (3, 3), (3, 3)]
-    with pytest.raises(RuntimeError, match="size mismatch for network.features.0.weight"):
+    with pytest.raises(RuntimeError, match=r"size mismatch for network\.features\.0\.weight"):
         build_model(older).load_state_dict(new.state_dict())
 
 
