@@ -28,16 +28,25 @@ REPO = Path(__file__).resolve().parent.parent
 THRESHOLDS = (0.90, 0.91, 0.92)
 
 
+def quickstart_model(device) -> tuple:
+    """The quickstart's model (seeded), loss and optimiser, as its tutorial writes them."""
+    import torch
+    from torch import nn
+
+    from image_classifier.models import QuickstartMLP
+
+    torch.manual_seed(0)
+    model = QuickstartMLP((1, 28, 28), 10).to(device)
+    return model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=1e-3)
+
+
 def quickstart_tutorial(device_name: str, raw_dir: Path = REPO / "data/raw", limit: int = 0) -> dict:
     """The "Learn the Basics" quickstart, as written: torchvision dataset, ToTensor, DataLoader(batch_size=64).
     With `limit`, on the same stratified subsets as the GPU mode's other rows (limited())."""
     import torch
-    from torch import nn
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets
     from torchvision.transforms import ToTensor
-
-    from image_classifier.models import QuickstartMLP
 
     root = Path(tempfile.mkdtemp()) / "FashionMNIST" / "raw"
     root.mkdir(parents=True)
@@ -56,10 +65,7 @@ def quickstart_tutorial(device_name: str, raw_dir: Path = REPO / "data/raw", lim
     train_dataloader = DataLoader(training_data, batch_size=64)
     test_dataloader = DataLoader(test_data, batch_size=64)
     device = torch.device(device_name)
-    torch.manual_seed(0)
-    model = QuickstartMLP((1, 28, 28), 10).to(device)
-    loss_fn = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model, loss_fn, optimizer = quickstart_model(device)
     started = time.perf_counter()
     for _ in range(5):
         model.train()
@@ -204,20 +210,15 @@ def bare_recipe(device_name: str) -> dict:
     float tensor, in the tutorial's order, with nothing else in the loop (no augmentation, no bookkeeping, no
     test pass). No loop that trains this recipe can be faster: it bounds the recipe rows' ratio."""
     import torch
-    from torch import nn
 
     from image_classifier.data import decode_idx
     from image_classifier.datasets import get_dataset
-    from image_classifier.models import QuickstartMLP
 
     splits = decode_idx(REPO / "data/raw", get_dataset("fashion-mnist"))
     device = torch.device(device_name)
     images = splits["train"].images.to(device).float().div_(255)
     labels = splits["train"].labels.to(device)
-    torch.manual_seed(0)
-    model = QuickstartMLP((1, 28, 28), 10).to(device)
-    loss_fn = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model, loss_fn, optimizer = quickstart_model(device)
     started = time.perf_counter()
     for _ in range(5):
         for start in range(0, len(labels), 64):

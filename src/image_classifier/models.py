@@ -124,7 +124,7 @@ class ConvNet(nn.Module):
         return self.head(self.features(images))
 
 
-# Small grey images centred in the frame: SmallCNN's grid head and patchify stem suit them and are fast.
+# Small grey images centred in the frame: SmallCNN's grid head and early stride-2 stem suit them and are fast.
 CENTRED_DATASETS = frozenset({"fashion-mnist", "mnist", "kmnist"})
 
 
