@@ -18,12 +18,13 @@ from image_classifier import tracking, warm_start
 from image_classifier.data import Split
 from image_classifier.errors import UserError
 from image_classifier.export import example_input, save_model
-from image_classifier.models import build_model
+from image_classifier.models import CNN_LAYOUT, build_model
 from image_classifier.params import TrackingParams
 from image_classifier.train import resume_path, train
 from image_classifier.warm_start import load_initial_weights, resolve
 
 CONFIG = TINY_MODEL_CONFIG
+STAGE_CONFIG = {**CONFIG, "model_kwargs": CNN_LAYOUT}  # what the train stage builds for a cnn
 # The "MNIST" target: same image size, its own statistics (mean/std must come from here, not from the file).
 TARGET_CONFIG = {**CONFIG, "dataset": "tiny-target", "mean": [0.31], "std": [0.27]}
 CPU = torch.device("cpu")
@@ -336,9 +337,7 @@ def write_target_idx(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_stage_prints_and_logs_the_warm_start(
-    source_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_train_stage_prints_and_logs_the_warm_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = copy_repo(tmp_path / "repo")
     write_target_idx(repo / "data/raw")
     uri = f"sqlite:///{repo / 'mlruns/mlflow.db'}"
@@ -356,17 +355,18 @@ def test_train_stage_prints_and_logs_the_warm_start(
         monkeypatch.setenv(name, value)
     try:
         tracking.connect(TrackingParams())
-        model = build_model(CONFIG)
-        model.load_state_dict(torch.load(source_model, weights_only=True)["state_dict"])
+        # The cnn layout the train stage builds (models.model_config), so that every tensor matches.
+        torch.manual_seed(0)
+        model = build_model(STAGE_CONFIG)
         with mlflow.start_run():
-            tracking.log_and_register_model(model.eval(), example_input(CONFIG), "tiny-a", 0.9)
+            tracking.log_and_register_model(model.eval(), example_input(STAGE_CONFIG), "tiny-a", 0.9)
     finally:
         if mlflow.active_run():
             mlflow.end_run()
 
     output = stage("models:/tiny-a@champion").stdout
     assert "warm start from models:/tiny-a@champion (sha256 " in output
-    assert f"{len(model_keys(CONFIG))} matched, 0 missing, 0 unexpected, 0 skipped" in output
+    assert f"{len(model_keys(STAGE_CONFIG))} matched, 0 missing, 0 unexpected, 0 skipped" in output
     assert f"  matched: {STEM}, " in output
     assert "normalisation (mean, std): from this data set's meta.json, not from the file" in output
 
@@ -376,7 +376,9 @@ def test_train_stage_prints_and_logs_the_warm_start(
     assert tags["init_from"] == "models:/tiny-a@champion"
     assert tags["init_from.resolved"] == "tiny-a version 1"
     assert tags["init_from.sha256"] == hashlib.sha256(downloaded.read_bytes()).hexdigest()
-    assert tags["init_from.matched"] == str(len(model_keys(CONFIG))) and tags["init_from.skipped"] == "0"
+    assert (
+        tags["init_from.matched"] == str(len(model_keys(STAGE_CONFIG))) and tags["init_from.skipped"] == "0"
+    )
     assert not list((repo / "data/resume").glob("*.pt"))
 
     failed = stage("models/model.pt", check=False)
