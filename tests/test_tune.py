@@ -1,6 +1,7 @@
 """`tune`: the search space's checks, a study with pruning whose winner `dvc exp run` reproduces, two processes
 on one study, and Ctrl-C then resume. The studies run on a 2,000-image Fashion-MNIST subset, 3 epochs a trial."""
 
+import contextlib
 import json
 import os
 import signal
@@ -93,6 +94,19 @@ def tune(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 def study_trials(repo: Path, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{repo}/mlruns/optuna.db").trials
+
+
+def trial_run_started(repo: Path, study: str, trial: int) -> bool:
+    """Whether trial `trial` of `study` has an MLflow run with its params logged (its training comes next)."""
+    with contextlib.closing(sqlite3.connect(repo / "mlruns/mlflow.db")) as db:
+        return (
+            db.execute(
+                "select count(*) from params where run_uuid in (select run_uuid from tags where key = 'tune.study' "
+                "and value = ? intersect select run_uuid from tags where key = 'tune.trial' and value = ?)",
+                (study, str(trial)),
+            ).fetchone()[0]
+            > 0
+        )
 
 
 def mlflow_runs(repo: Path, study: str) -> list[dict]:
@@ -215,12 +229,14 @@ def test_ctrl_c_keeps_finished_trials_and_tune_resumes_the_study(repo: Path) -> 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # a trial takes seconds: look often
         time.sleep(0.05)
+        # Trial 1's MLflow run with its params: trial 0 is over and trial 1's training starts (40 epochs take
+        # seconds). Only MLflow's store is read: a second Optuna client would race tune to create its tables.
         try:
-            trials = study_trials(repo, "stopped")
-        except KeyError:  # the study is not created yet
+            if trial_run_started(repo, "stopped", 1):
+                time.sleep(0.5)
+                break
+        except sqlite3.OperationalError:  # MLflow's tables are not created yet
             continue
-        if len(trials) == 2 and trials[1].state.name == "RUNNING":  # the first finished, the second running
-            break
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]

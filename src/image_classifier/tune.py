@@ -62,8 +62,12 @@ def open_study(name: str, storage: str | None, seed: int | None) -> Any:
             break
         except Exception as error:  # a bad URL, a server that is not there, a missing driver
             # Processes that start together on an empty database race to create Optuna's tables: the loser sees
-            # "already exists", and the tables are there when it tries again.
-            if "already exists" in str(error) and attempt + 1 < STORAGE_ATTEMPTS:
+            # "already exists" (or a second row for the schema version: SQLite's UNIQUE constraint, PostgreSQL's
+            # duplicate key), and the tables are there when it tries again.
+            lost_race = any(
+                text in str(error) for text in ("already exists", "UNIQUE constraint", "duplicate key")
+            )
+            if lost_race and attempt + 1 < STORAGE_ATTEMPTS:
                 time.sleep(1 + attempt)
                 continue
             raise UserError(
