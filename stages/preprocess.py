@@ -22,9 +22,11 @@ def main() -> None:
         if params.data.dataset == "folder":
             from image_classifier.folder import auto_note, decode_folder_to, resolve_image_size
 
-            size = resolve_image_size(params.data.image_size, params.train.model)
+            size = resolve_image_size(params.data.image_size, params.train.model, RAW_DIR)
             classes, decoded = decode_folder_to(RAW_DIR, size, params.data.channels, scratch)
-            note = auto_note(params.data.image_size, params.data.channels, decoded["train"].images)
+            note = auto_note(
+                params.data.image_size, params.data.channels, decoded["train"].images, params.train.model
+            )
         else:  # a built-in data set has its own image shape: data.image_size and data.channels are not used
             spec = get_dataset(params.data.dataset)
             classes, decoded = list(spec.classes), decode(RAW_DIR, spec)

@@ -184,8 +184,8 @@ def _copy_verified(
     # sha256 of what is stored when pinned; otherwise the publisher's md5 of what is served.
     digest = hashlib.sha256() if remote.sha256 else hashlib.md5(usedforsecurity=False)
     received, size = 0, 0
-    with tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=remote.name, leave=False
+    with tqdm(  # live on a terminal only (disable=None): a log gets the summary line instead
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=remote.name, leave=False, disable=None
     ) as bar:
         while chunk := stream.read(_CHUNK):
             bar.update(len(chunk))

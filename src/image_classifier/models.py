@@ -60,6 +60,14 @@ def conv_pool_bn(in_channels: int, out_channels: int, convs: int = 1) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+def conv_bn(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
+    """conv_pool_bn, or without its pooling (the same layers otherwise, so the parameter names match)."""
+    block = conv_pool_bn(in_channels, out_channels)
+    if not pool:
+        block[1] = nn.Identity()
+    return block
+
+
 class SmallCNN(nn.Module):
     """A stem that halves the resolution, then two conv groups that double the channels and halve the
     resolution again, and a linear head over the remaining spatial grid (3x3 for 28x28 input, 4x4 for 32x32).
@@ -67,8 +75,9 @@ class SmallCNN(nn.Module):
     Keeping the spatial grid in the head (rather than global pooling) keeps where a feature is, which clothes
     need. The stem is a 3x3 stride-2 convolution (`stem="strided"`) or a 2x2 stride-2 "patchify" one; either
     halves the resolution before anything else runs, which on a CPU is most of the saving. `convs_per_group` is
-    1 or 2 (see conv_pool_bn). Model files saved before these options existed hold neither: the defaults
-    rebuild them.
+    1 or 2 (see conv_pool_bn). `stem_stride` 1 keeps the full resolution for images under 16 pixels, where
+    three halvings would leave a 1x1 grid. Model files saved before these options existed hold none of them: the
+    defaults rebuild them.
     """
 
     def __init__(
@@ -78,19 +87,21 @@ class SmallCNN(nn.Module):
         width: int = 32,
         stem: str = "patchify",
         convs_per_group: int = 1,
+        stem_stride: int = 2,
     ) -> None:
         super().__init__()
         channels, height, width_px = image_shape
         kernel, padding = (3, 1) if stem == "strided" else (2, 0)
         self.features = nn.Sequential(
-            nn.Conv2d(channels, width, kernel_size=kernel, stride=2, padding=padding, bias=False),
+            nn.Conv2d(channels, width, kernel_size=kernel, stride=stem_stride, padding=padding, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
             conv_pool_bn(width, 2 * width, convs_per_group),
             conv_pool_bn(2 * width, 4 * width, convs_per_group),
             nn.Flatten(),
         )
-        self.head = nn.Linear(4 * width * (height // 8) * (width_px // 8), num_classes)
+        shrink = stem_stride * 4
+        self.head = nn.Linear(4 * width * (height // shrink) * (width_px // shrink), num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
@@ -104,17 +115,21 @@ class ConvNet(nn.Module):
     SmallCNN's grid head does not give; the full-resolution first convolution sees edges a 2x2 patchify stem
     would blur. On a 180-image folder of shapes at random places it took test accuracy from 0.67 to 0.94 at
     32 pixels (to 0.998 at 64).
+
+    Only the first `pools` blocks halve the resolution (convnet_pools: fewer for tiny images, so the last block
+    still sees a grid of at least 4x4); model files saved before the option existed rebuild with 3.
     """
 
-    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32) -> None:
+    def __init__(
+        self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32, pools: int = 3
+    ) -> None:
         super().__init__()
+        widths = [width, width, 2 * width, 4 * width]
         self.features = nn.Sequential(
             nn.Conv2d(image_shape[0], width, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            conv_pool_bn(width, width),
-            conv_pool_bn(width, 2 * width),
-            conv_pool_bn(2 * width, 4 * width),
+            *(conv_bn(widths[i], widths[i + 1], pool=i < pools) for i in range(3)),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
@@ -139,6 +154,17 @@ CNN_LAYOUT = {"stem": "strided", "convs_per_group": 2}
 # A multiple of 16: on an AMX CPU the cnn above with the full-resolution stem ran an epoch in 4.1 s at width 16
 # and 7.8 s at width 20 (oneDNN's bf16 tiles hold 16 or 32 channels), for 0.9314 and 0.9358 test accuracy.
 DEFAULT_WIDTHS = {"cnn": 16, "convnet": 16, "mlp": 0}
+
+
+def convnet_pools(image_size: int) -> int:
+    """How many of ConvNet's three blocks halve the resolution: as many as leave a grid of at least 4x4 (3 from
+    32 pixels up, 2 from 16, 1 below). Pooling an 8-pixel image three times leaves one pixel per channel."""
+    return max(1, min(3, (image_size // 4).bit_length() - 1))
+
+
+def cnn_layout(image_size: int) -> dict[str, Any]:
+    """CNN_LAYOUT, with a stride-1 stem under 16 pixels (three halvings of 8 pixels leave a 1x1 grid)."""
+    return {**CNN_LAYOUT, "stem_stride": 1} if image_size < 16 else dict(CNN_LAYOUT)
 
 
 def resolve_model(model: str, width: int | str, dataset: str) -> tuple[str, int]:
@@ -166,7 +192,9 @@ def model_config(
     model, width = resolve_model(params.model, params.width, dataset)
     weights, kwargs = None, {}
     if model == "cnn":
-        kwargs = dict(CNN_LAYOUT)
+        kwargs = cnn_layout(image_shape[-1])
+    if model == "convnet":
+        kwargs = {"pools": convnet_pools(image_shape[-1])}
     if is_timm(model):
         backbones.check_architecture(model)
         weights = backbones.resolve_weights(params.pretrained, model)
@@ -250,7 +278,7 @@ def build_model(config: dict[str, Any], pretrained: Weights | None = None) -> Im
     elif config["model"] == "cnn":
         network = SmallCNN(image_shape, num_classes, config["width"], **config.get("model_kwargs", {}))
     elif config["model"] == "convnet":
-        network = ConvNet(image_shape, num_classes, config["width"])
+        network = ConvNet(image_shape, num_classes, config["width"], **config.get("model_kwargs", {}))
     else:
         raise ValueError(f"unknown model {config['model']!r}")
     return ImageClassifier(network, config["mean"], config["std"], config.get("test_time_flip", False))

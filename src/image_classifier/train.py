@@ -295,8 +295,14 @@ def train(
         first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
         seen = 0
         batches = train_batches.batches(order, starts, plan.batch_size, rank, world)
+        # A live bar on a terminal only (disable=None): in a log file (CI, nohup, a queued experiment) its
+        # carriage-return updates would pile up on one line; the epoch line below is the log's record.
         progress = tqdm(
-            batches, total=len(starts), desc=f"epoch {epoch}/{plan.epochs}", leave=False, disable=rank != 0
+            batches,
+            total=len(starts),
+            desc=f"epoch {epoch}/{plan.epochs}",
+            leave=False,
+            disable=None if rank == 0 else True,
         )
         for step, (batch_images, batch_labels) in enumerate(progress):
             loss, hits = train_step(batch_images, batch_labels)
