@@ -72,14 +72,15 @@ def preprocess_folder(
     the summary line. Unreadable images are named on stderr and left out."""
     rows = read_manifest(raw_dir)
     classes = sort_classes({row["label"] for row in rows})
-    members = draw_splits(rows, classes, params)
+    layouts = {split: previous_layout(split_dirs[split], params.seed) for split in SPLIT_NAMES}
+    members = draw_splits(rows, classes, params, {split: set(layouts[split] or ()) for split in SPLIT_NAMES})
     index = {name: i for i, name in enumerate(classes)}
     labels = [index[row["label"]] for row in rows]
     names = [row["filename"] for row in rows]
     depth = 1 if channels == 1 else 3
     per_shard = images_per_shard((depth, image_size, image_size), round(params.shard_mb * 10**6))
     plans = {
-        split: plan_shards([names[i] for i in members[split]], per_shard, previous_layout(split_dirs[split]))
+        split: plan_shards([names[i] for i in members[split]], per_shard, layouts[split])
         for split in SPLIT_NAMES
     }
     histograms = np.zeros((depth, 256), np.int64)
@@ -107,7 +108,7 @@ def preprocess_folder(
         warn_undecodable(failures, len(rows))
         _check_training(stored["train"], classes, raw_dir, failures, len(members["train_pool"]))
         for split in SPLIT_NAMES:
-            _finish(stored[split], rows, narrow=grey)
+            _finish(stored[split], rows, params.seed, narrow=grey)
     mean, std = stats_from_histograms(torch.from_numpy(histograms[:1] if grey else histograms))
     splits = {split: load_split(split_dirs[split]) for split in SPLIT_NAMES}
     return summarise(
@@ -116,48 +117,58 @@ def preprocess_folder(
 
 
 def draw_splits(
-    rows: list[dict[str, str]], classes: list[str], params: PreprocessParams
+    rows: list[dict[str, str]],
+    classes: list[str],
+    params: PreprocessParams,
+    before: dict[str, set[str]] | None = None,
 ) -> dict[str, list[int]]:
     """Row numbers of each split, in manifest order: the user's test/ rows, or a share of the training rows held
-    out for testing; then validation; then the optional training subset. Stratified by class, each class
-    giving its images in the order of a hash of their paths (stable_shards.py)."""
+    out for testing; then validation; then the optional training subset. Stratified by class (each class's
+    share within one image of exact), each class giving its images in the order of a hash of their paths
+    (stable_shards.py); with `before` (the filenames each split held last time), a class gives first the images
+    the split held before, then new ones, and only then images another split held: adding images moves none."""
+    before = before or {}
+    seen = set().union(*before.values()) if before else set()
     index = {name: i for i, name in enumerate(classes)}
     pool = [i for i, row in enumerate(rows) if row["split"] == "train"]
     test = [i for i, row in enumerate(rows) if row["split"] == "test"]
     if not pool:
         raise UserError("the manifest lists no training images; run the fetch stage again")
     members = {"train_pool": pool}
-    keys = (("test_size", params.test_size),) if not test else ()
-    for key, size in (*keys, ("val_size", params.val_size)):
-        kept, held = _held_out(rows, pool, index, key, size, params.seed, classes)
-        members["test" if key == "test_size" else "val"], pool = held, kept
+    keys = (("test_size", params.test_size, "test"),) if not test else ()
+    for key, size, split in (*keys, ("val_size", params.val_size, "val")):
+        labels, order = _ranked(rows, pool, index, params.seed, before.get(split, set()), seen)
+        kept, held = hold_out(labels, key, size, params.seed, classes, order)
+        members[split], pool = [pool[i] for i in held.tolist()], [pool[i] for i in kept.tolist()]
     members["test"] = members.get("test", test)
     if params.train_subset:
         if params.train_subset > len(pool):
             raise UserError(
                 f"preprocess.train_subset = {params.train_subset} is more than the {len(pool)} training images"
             )
-        labels, order = _labels_and_order(rows, pool, index, params.seed)
+        labels, order = _ranked(rows, pool, index, params.seed, before.get("train", set()), seen)
         _, keep = stratified_indices(labels, params.train_subset, params.seed, order=order)
         pool = [pool[i] for i in keep.tolist()]
     members["train"] = pool
     return members
 
 
-def _held_out(
-    rows: list[dict[str, str]], pool: list[int], index: dict[str, int], key: str, size, seed, classes
-) -> tuple[list[int], list[int]]:
-    labels, order = _labels_and_order(rows, pool, index, seed)
-    kept, held = hold_out(labels, key, size, seed, classes, order)
-    return [pool[i] for i in kept.tolist()], [pool[i] for i in held.tolist()]
-
-
-def _labels_and_order(
-    rows, pool: list[int], index: dict[str, int], seed: int
+def _ranked(
+    rows: list[dict[str, str]],
+    pool: list[int],
+    index: dict[str, int],
+    seed: int,
+    mine: set[str],
+    seen: set[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labels of `pool`'s rows, and their order of choice: those in `mine` first, then those in no earlier
+    split, then the rest, each group by hash."""
+    names = [rows[i]["filename"] for i in pool]
     labels = torch.tensor([index[rows[i]["label"]] for i in pool], dtype=torch.int64)
-    order = torch.from_numpy(hash_rank_order([rows[i]["filename"] for i in pool], seed))
-    return labels, order
+    by_hash = hash_rank_order(names, seed)
+    group = np.array([0 if name in mine else 1 if name not in seen else 2 for name in names])
+    order = by_hash[np.argsort(group[by_hash], kind="stable")]
+    return labels, torch.from_numpy(order)
 
 
 def _shards(jobs, results, failures: list[str]) -> Iterator[tuple[str, int, list[int], list[np.ndarray]]]:
@@ -210,13 +221,13 @@ def _check_training(
         raise UserError(f"class {named} has no readable training images left in {raw_dir}")
 
 
-def _finish(stored: Stored, rows: list[dict[str, str]], narrow: bool) -> None:
+def _finish(stored: Stored, rows: list[dict[str, str]], seed: int, narrow: bool) -> None:
     """The split's labels and layout; with channels "auto" on an all-grey folder, its shards cut to one channel
     (decoded as three until the last image showed every one was grey: one pass over this folder's shards)."""
     write_array(stored.folder / LABELS_FILE, np.array(stored.labels, dtype=np.int64))
     label_names = {row["filename"]: row["label"] for row in rows}
     write_index(
-        stored.folder / INDEX_FILE, stored.names, [label_names[n] for n in stored.names], stored.shards
+        stored.folder / INDEX_FILE, stored.names, [label_names[n] for n in stored.names], stored.shards, seed
     )
     if narrow:
         for shard in sorted(stored.folder.glob("images-*.npy")):

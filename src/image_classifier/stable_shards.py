@@ -5,7 +5,7 @@ shards), so that adding images to a folder leaves the stored shards of the other
   (test, then validation), quotas by largest remainder as for the built-in data sets. Held-out shares are so
   within one image of exact per class (and at least one image of every class that has two). Adding images to a
   class only moves the few images whose rank crosses the quota, on average fewer than one per 100 added at 10%.
-- Shard: each split records its layout (`index.csv`: filename, label, shard). The next preprocess keeps every
+- Shard: each split records its layout (`index.csv`: filename, label, shard, seed). The next preprocess keeps every
   earlier shard's images together in their earlier order (a shard is rewritten only when it lost an image) and
   puts new images into new shards after them. The earlier layout is the split's folder as the last run left it,
   or, when DVC removed the outputs before running the stage, the same file in DVC's cache, found through
@@ -47,15 +47,19 @@ def plan_shards(names: list[str], per_shard: int, previous: dict[str, int] | Non
     return shards or [[]]  # an empty split still gets one (empty) shard: it records the image shape
 
 
-def write_index(path: Path, names: list[str], labels: list[str], shards: list[int]) -> None:
+def write_index(path: Path, names: list[str], labels: list[str], shards: list[int], seed: int) -> None:
+    """The split's layout: each stored image's file, label and shard, and the seed that drew the splits."""
     with Path(path).open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
-        writer.writerow(["filename", "label", "shard"])
-        writer.writerows(zip(names, labels, shards, strict=True))
+        writer.writerow(["filename", "label", "shard", "seed"])
+        writer.writerows(
+            (name, label, shard, seed) for name, label, shard in zip(names, labels, shards, strict=True)
+        )
 
 
-def previous_layout(split_dir: Path) -> dict[str, int] | None:
-    """filename → shard of the split the last preprocess stored in `split_dir`, or None when there is none."""
+def previous_layout(split_dir: Path, seed: int) -> dict[str, int] | None:
+    """filename → shard of the split the last preprocess stored in `split_dir` with the same `seed` (another seed
+    draws the splits afresh), or None when there is none."""
     split_dir = Path(split_dir)
     if (split_dir / INDEX_FILE).is_file():
         text = (split_dir / INDEX_FILE).read_text(encoding="utf-8")
@@ -65,6 +69,8 @@ def previous_layout(split_dir: Path) -> dict[str, int] | None:
         return None
     try:
         rows = list(csv.DictReader(text.splitlines()))
+        if any(int(row["seed"]) != seed for row in rows):
+            return None
         return {row["filename"]: int(row["shard"]) for row in rows}
     except (KeyError, ValueError, TypeError):
         return None  # not a layout this version wrote: lay the split out afresh
