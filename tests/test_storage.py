@@ -208,3 +208,34 @@ def test_killed_preprocess_leaves_no_partial_shard_under_an_outputs_name(tmp_pat
     assert not (work / "data/.processed.scratch").exists()
     after = snapshot(processed)
     assert after != before and {name.split("/")[0] for name in after} == {*SPLITS, "meta.json"}
+
+
+@pytest.mark.slow  # five preprocess runs of a 2,000-image folder, about a minute
+def test_preprocess_runs_again_and_again_without_hanging(tmp_path: Path) -> None:
+    # The forked process pool of the last round hung about one run in ten (issue 25). Each run here is the stage
+    # script itself, with every DeprecationWarning an error (Python warns when a process with threads forks).
+    work = tmp_path / "work"
+    shapes_folder(
+        work / "images",
+        per_class=500,
+        classes=("circle", "square", "triangle", "star"),
+        size_range=(40, 90),
+        formats=("jpg", "png"),
+    )
+    raw = default_params()
+    raw["data"].update(dataset="folder", path="images", image_size=32, channels=3)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run([sys.executable, str(REPO / "stages/fetch.py")], cwd=work)
+    for attempt in range(REPEATS):
+        try:
+            run(
+                [sys.executable, "-W", "error::DeprecationWarning", str(REPO / "stages/preprocess.py")],
+                cwd=work,
+                timeout=120,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"preprocess hung on run {attempt + 1} of {REPEATS}")
+    assert sum(len(load_split(work / "data/processed" / name)) for name in SPLITS) == 2000
+
+
+REPEATS = 5
