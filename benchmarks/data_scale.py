@@ -16,7 +16,7 @@ generated once and kept in --scale-dir for reruns.
 import csv
 import hashlib
 import json
-import multiprocessing
+import multiprocessing  # only to draw the benchmark's JPEGs, with spawn: never a fork after torch
 import os
 import random
 import shutil
@@ -102,25 +102,56 @@ def _processed(name: str) -> Path:
 
 
 def preprocess_folder(which: str) -> dict:
-    """The preprocess stage's library calls (decode with every core, split, store shards) on raw/ or raw-quarter/."""
+    """The preprocess stage's library call (splits from the file list, decoded by threads straight into the
+    final shards) on raw/ or raw-quarter/."""
     from image_classifier import params as params_module
-    from image_classifier.data import preprocess
-    from image_classifier.folder import decode_folder_to
-    from image_classifier.storage import scratch_folder
+    from image_classifier.folder_preprocess import preprocess_folder as run
 
     params = params_module.load(REPO / "params.yaml")
     raw = scale_dir() / ("raw" if which == "full" else "raw-quarter")
     out = _processed(which)
+    shutil.rmtree(out, ignore_errors=True)  # a fresh layout, as a first run
     started = time.perf_counter()
-    with scratch_folder(out) as scratch:
-        classes, decoded = decode_folder_to(raw, SIZE, 3, scratch)
-        files = {name: out / name for name in ("train", "val", "test")}
-        meta = preprocess(
-            "folder", classes, decoded, params.preprocess, files, out / "meta.json", out / "s.png"
-        )
+    files = {name: out / name for name in ("train", "val", "test")}
+    meta = run(raw, SIZE, 3, params.preprocess, files, out / "meta.json", out / "s.png")
     seconds = time.perf_counter() - started
     shards = len(list((out / "train").glob("images-*.npy")))
     return {"seconds": seconds, "images": sum(meta.sizes.values()), "train_shards": shards}
+
+
+def repeated_preprocess(times: int, images: int = 2_000) -> dict:
+    """The preprocess stage script `times` times in a row on `images` of the folder, each under a timeout and with
+    DeprecationWarning an error (Python's fork-with-threads warning): how many runs hung (issue 25)."""
+    import subprocess
+
+    import yaml
+
+    work = scale_dir() / "repeat"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "data/raw").mkdir(parents=True)
+    (work / "data/raw/images").symlink_to(scale_dir() / "raw/images")
+    with (scale_dir() / "raw/labels.csv").open() as file:
+        rows = list(csv.reader(file))
+    with (work / "data/raw/labels.csv").open("w", newline="") as file:
+        csv.writer(file).writerows(rows[:1] + rows[1 :: max(1, (len(rows) - 1) // images)][:images])
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(dataset="folder", path="images", image_size=SIZE, channels=3)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    hangs, seconds = 0, []
+    for _ in range(times):
+        started = time.perf_counter()
+        try:
+            subprocess.run(
+                [sys.executable, "-W", "error::DeprecationWarning", str(REPO / "stages/preprocess.py")],
+                cwd=work,
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+        except subprocess.TimeoutExpired:
+            hangs += 1
+        seconds.append(time.perf_counter() - started)
+    return {"runs": times, "hangs": hangs, "median_seconds": sorted(seconds)[len(seconds) // 2]}
 
 
 def imagefolder_pass() -> dict:
@@ -251,6 +282,7 @@ MEASUREMENTS = {
     "scale-preprocess-full": lambda device: preprocess_folder("full"),
     "scale-preprocess-quarter": lambda device: preprocess_folder("quarter"),
     "scale-imagefolder": lambda device: imagefolder_pass(),
+    "scale-repeat": lambda device: repeated_preprocess(int(os.environ.get("BENCH_REPEATS", "100"))),
     "scale-stream-full": lambda device: streamed_epoch("full"),
     "scale-stream-quarter": lambda device: streamed_epoch("quarter"),
     "fmnist-memory": lambda device: fashion_mnist(True),
@@ -269,6 +301,7 @@ def rows(measure, device: str, count: int) -> list[tuple[str, str, str, str]]:
     stream_quarter = measure("scale-stream-quarter", device)
     stream_full = measure("scale-stream-full", device)
     memory, stream = measure("fmnist-memory", device), measure("fmnist-stream", device)
+    repeat = measure("scale-repeat", device)
     ours, theirs = full["images"] / full["seconds"], folder["images"] / folder["seconds"]
     n = f"{count:,}"
     return [
@@ -296,6 +329,12 @@ def rows(measure, device: str, count: int) -> list[tuple[str, str, str, str]]:
             f"({stream_quarter['data_mb']:.0f} / {stream_full['data_mb']:.0f} MB of training images)",
             f"{stream_quarter['seconds']:.1f} s / {stream_full['seconds']:.1f} s; peak memory "
             f"{stream_quarter['peak_rss_mb']:.0f} MB / {stream_full['peak_rss_mb']:.0f} MB",
+            "",
+            "",
+        ),
+        (
+            f"The preprocess stage {repeat['runs']} times in a row on 2,000 of the JPEGs, -W error::DeprecationWarning",
+            f"{repeat['hangs']} hangs; median run {repeat['median_seconds']:.1f} s",
             "",
             "",
         ),

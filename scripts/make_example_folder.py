@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         per_class = np.bincount(labels[picked], minlength=len(classes))
         for index in picked:
             label = int(labels[index])
-            # Every k-th image of a class goes to test/: the same share of each class.
-            in_test = args.test_share and seen[label] % round(1 / args.test_share) == 0
+            # The image that brings a class's test count up to the next whole share goes to test/.
+            in_test = int((seen[label] + 1) * args.test_share) > int(seen[label] * args.test_share)
             seen[label] += 1
             folder = (
                 Path(scratch) / (("test" if in_test else "train") if args.test_share else "") / names[label]

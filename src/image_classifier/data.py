@@ -198,16 +198,19 @@ def split_size(key: str, value: float | str, total: int) -> int:
 
 
 def stratified_indices(
-    labels: torch.Tensor, size: int, seed: int, min_per_class: int = 0
+    labels: torch.Tensor, size: int, seed: int, min_per_class: int = 0, order: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split indices into (rest, chosen) with `size` chosen, every class in proportion to its count.
 
-    With `min_per_class`, a class that would get fewer gets that many, as long as it keeps at least one image
-    in the rest: a tiny class still shows up in validation and test. `chosen` may then exceed `size`."""
+    Each class gives the first of its images in `order` (a permutation of the indices; by default a random one
+    drawn from `seed`): a folder passes its images ranked by a hash of their paths (stable_shards.py), so an
+    image's split does not change when others are added. With `min_per_class`, a class that would get fewer gets
+    that many, as long as it keeps at least one image in the rest: a tiny class still shows up in validation and
+    test. `chosen` may then exceed `size`."""
     if size > len(labels):
         raise UserError(f"cannot take {size} images from a split of {len(labels)}")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=generator)
+    if order is None:
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     counts = torch.bincount(labels)
     # Largest-remainder rounding so the per-class shares add up to exactly `size`.
     exact = counts.double() * size / len(labels)
@@ -236,6 +239,11 @@ def channel_stats(images: torch.Tensor | MappedImages) -> tuple[list[float], lis
             histograms[channel] += torch.bincount(chunk[:, channel].flatten(), minlength=256)
         if isinstance(images, MappedImages):
             images.release()
+    return stats_from_histograms(histograms)
+
+
+def stats_from_histograms(histograms: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation (0..1 scale) from C×256 counts of uint8 values."""
     means, stds = [], []
     values = torch.arange(256, dtype=torch.float64) / 255
     for counts in histograms.double():
@@ -293,9 +301,9 @@ def preprocess(
     if "test" in decoded:
         splits["test"] = decoded["test"]
     else:
-        rest, test_index = _hold_out(train, "test_size", params.test_size, params.seed, classes)
+        rest, test_index = hold_out(train.labels, "test_size", params.test_size, params.seed, classes)
         train, splits["test"] = train.subset(rest), train.subset(test_index)
-    rest, val_index = _hold_out(train, "val_size", params.val_size, params.seed, classes)
+    rest, val_index = hold_out(train.labels, "val_size", params.val_size, params.seed, classes)
     splits = {"train": train.subset(rest), "val": train.subset(val_index), **splits}
     if params.train_subset:
         if params.train_subset > len(rest):
@@ -307,6 +315,21 @@ def preprocess(
     mean, std = channel_stats(splits["train"].images)  # training split only: val and test stay unseen
     for name, split in splits.items():
         save_split(split, split_dirs[name], round(params.shard_mb * 10**6))
+    return summarise(dataset, classes, splits, (mean, std), meta_file, samples_png, note)
+
+
+def summarise(
+    dataset: str,
+    classes: list[str],
+    splits: dict[str, Split],
+    stats: tuple[list[float], list[float]],
+    meta_file: Path,
+    samples_png: Path,
+    note: str = "",
+) -> Meta:
+    """Write meta.json and the preview of the stored `splits`, and print the summary lines."""
+    mean, std = stats
+    train = splits["train"]
     meta = Meta(
         dataset=dataset,
         classes=list(classes),
@@ -367,19 +390,24 @@ def describe_counts(counts: dict[str, int], list_each: bool = True) -> str:
     return text
 
 
-def _hold_out(
-    split: Split, key: str, size: float | str, seed: int, classes: list[str]
+def hold_out(
+    labels: torch.Tensor,
+    key: str,
+    size: float | str,
+    seed: int,
+    classes: list[str],
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (kept, held out) for `preprocess.<key>` = `size` (a count, a fraction or auto), stratified, with
-    at least one image of every class that has two or more."""
-    count = split_size(key, size, len(split))
-    if count >= len(split):
+    at least one image of every class that has two or more (see stratified_indices for `order`)."""
+    count = split_size(key, size, len(labels))
+    if count >= len(labels):
         raise UserError(
-            f"preprocess.{key} = {size} leaves no training images (training set has {len(split)})"
+            f"preprocess.{key} = {size} leaves no training images (training set has {len(labels)})"
         )
-    kept, held_out = stratified_indices(split.labels, count, seed, min_per_class=1 if count else 0)
+    kept, held_out = stratified_indices(labels, count, seed, 1 if count else 0, order)
     if count:
-        missing = set(range(len(classes))) - set(split.labels[held_out].tolist())
+        missing = set(range(len(classes))) - set(labels[held_out].tolist())
         if missing:
             names = ", ".join(classes[i] for i in sorted(missing))
             what = "validation" if key == "val_size" else "test"

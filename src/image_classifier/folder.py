@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # fetch only copies files: it starts without torch and torchv
     import torch
 
     from image_classifier.data import Split
-    from image_classifier.decoding import Decoded
 
 # What a folder data set counts as an image; anything else in the folder is skipped.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
@@ -280,7 +279,7 @@ def median_shorter_side(raw_dir: Path) -> int:
     (0 when none can be read). Only headers are read: Pillow's open does not decode the pixels."""
     from PIL import Image
 
-    rows = _manifest_rows(raw_dir)
+    rows = read_manifest(raw_dir)
     step = max(1, len(rows) // SIZE_SAMPLE)
     sides = []
     for row in rows[::step]:
@@ -290,14 +289,6 @@ def median_shorter_side(raw_dir: Path) -> int:
         except (OSError, ValueError, SyntaxError):  # unreadable: preprocess names it when decoding
             continue
     return sorted(sides)[len(sides) // 2] if sides else 0
-
-
-def _manifest_rows(raw_dir: Path) -> list[dict[str, str]]:
-    manifest = raw_dir / MANIFEST
-    if not manifest.is_file():
-        raise UserError(f"{manifest} is missing; run the fetch stage first (dvc repro fetch)")
-    with manifest.open(newline="", encoding="utf-8") as file:
-        return list(csv.DictReader(file))
 
 
 def auto_note(image_size: int | str, channels: int | str, images: torch.Tensor, model: str = "") -> str:
@@ -318,36 +309,48 @@ def auto_note(image_size: int | str, channels: int | str, images: torch.Tensor, 
     return "; ".join(notes)
 
 
-def decode_folder(
-    raw_dir: Path, image_size: int, channels: int | Literal["auto"]
-) -> tuple[list[str], dict[str, Split]]:
-    """decode_folder_to, with the splits in memory: for small folders (and tests)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        classes, splits = decode_folder_to(raw_dir, image_size, channels, Path(scratch))
-        return classes, {name: split.in_memory() for name, split in splits.items()}
-
-
-def decode_folder_to(
-    raw_dir: Path, image_size: int, channels: int | Literal["auto"], scratch: Path, workers: int | None = None
-) -> tuple[list[str], dict[str, Split]]:
-    """Decode every image fetch copied into `raw_dir` as uint8 `channels`×image_size×image_size into a file in
-    `scratch` (with every core for a large folder, see decoding.py); return the class names and the splits
-    ("train", and "test" when the user gave one), mapped from that file: it must outlive them. `channels`
-    "auto" is 1 when every image is grey, else 3. Unreadable images are named on stderr and left out."""
-    from image_classifier.decoding import decode_files
-
+def read_manifest(raw_dir: Path) -> list[dict[str, str]]:
+    """The rows (filename, label, split) of the manifest fetch wrote into `raw_dir`."""
     manifest = raw_dir / MANIFEST
     if not manifest.is_file():
         raise UserError(f"{manifest} is missing; run the fetch stage first (dvc repro fetch)")
     with manifest.open(newline="", encoding="utf-8") as file:
-        rows = list(csv.DictReader(file))
+        return list(csv.DictReader(file))
+
+
+def decode_folder(
+    raw_dir: Path, image_size: int, channels: int | Literal["auto"], workers: int | None = None
+) -> tuple[list[str], dict[str, Split]]:
+    """Every image fetch copied into `raw_dir`, decoded in memory as uint8 `channels`×image_size×image_size
+    (see decoding.py), in manifest order: the class names and the user's splits ("train", and "test" when the
+    folder had one). For small folders and tests; preprocess writes shards instead (folder_preprocess.py).
+    `channels` "auto" is 1 when every image is grey, else 3. Unreadable images are named on stderr, left out."""
+    import torch
+
+    from image_classifier.data import Split
+    from image_classifier.decoding import decode_iter
+
+    rows = read_manifest(raw_dir)
     classes = sort_classes({row["label"] for row in rows})
-    out = scratch / "decoded.npy"
-    decoded = decode_files([raw_dir / row["filename"] for row in rows], channels, image_size, out, workers)
-    _warn_undecodable(decoded.failures, len(rows))
-    splits = _mapped_splits(rows, classes, decoded, out, channels)
+    decoded, failures = {}, []
+    for i, pixels, error in decode_iter(
+        [raw_dir / row["filename"] for row in rows], channels, image_size, workers
+    ):
+        if pixels is None:
+            failures.append(error)
+        else:
+            decoded[i] = torch.from_numpy(pixels)
+    warn_undecodable(failures, len(rows))
+    depth = 1 if channels == 1 or (decoded and all(p.shape[0] == 1 for p in decoded.values())) else 3
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {}
+    for name in SPLITS:
+        kept = [i for i in sorted(decoded) if rows[i]["split"] == name]
+        if kept:
+            images = torch.stack([decoded[i].expand(depth, -1, -1) for i in kept])
+            splits[name] = Split(images, torch.tensor([index[rows[i]["label"]] for i in kept]))
     if "train" not in splits:
-        first = f"; the first: {decoded.failures[0]}" if decoded.failures else ""
+        first = f"; the first: {failures[0]}" if failures else ""
         raise UserError(f"none of the {len(rows)} training images in {raw_dir} can be decoded{first}")
     missing = [name for i, name in enumerate(classes) if i not in set(splits["train"].labels.tolist())]
     if missing:
@@ -355,32 +358,7 @@ def decode_folder_to(
     return classes, splits
 
 
-def _mapped_splits(
-    rows: list[dict[str, str]], classes: list[str], decoded: Decoded, out: Path, channels: int | str
-) -> dict[str, Split]:
-    """The decoded images of each split, mapped from `out` in manifest order. With channels "auto", `out` holds
-    three channels; when every image was grey, the splits read the first (all three are the same)."""
-    import numpy as np
-    import torch
-
-    from image_classifier.data import Split
-    from image_classifier.storage import MappedImages, Shards
-
-    images = MappedImages(Shards([out]))
-    if channels == "auto" and decoded.grey[decoded.ok].all():
-        images = images.with_channels(1)
-    index = {name: i for i, name in enumerate(classes)}
-    labels = torch.tensor([index[row["label"]] for row in rows], dtype=torch.int64)
-    split_of = np.array([row["split"] for row in rows])
-    splits = {}
-    for name in SPLITS:
-        positions = np.flatnonzero(decoded.ok & (split_of == name))
-        if len(positions):
-            splits[name] = Split(images.subset(positions), labels[positions])
-    return splits
-
-
-def _warn_undecodable(failures: list[str], total: int) -> None:
+def warn_undecodable(failures: list[str], total: int) -> None:
     if not failures:
         return
     print(f"warning: skipped {len(failures)} of {total} images that cannot be decoded:", file=sys.stderr)

@@ -1,8 +1,14 @@
 """One image file → uint8 C×H×W of a model's input shape, the same way at training time and at prediction time.
 
-preprocess (a folder data set) and `predict` both call `read_image`, so a model never sees one resize in training
-and another in use. Every file is first decoded to 8-bit RGB the same way whatever its format: EXIF rotation
-applied, transparency composited onto white, 16-bit samples scaled, CMYK and palettes converted.
+preprocess (a folder data set) and `predict` both call `read_image` (or `read_array`, its numpy form), so a model
+never sees one resize in training and another in use. Every file is first decoded to 8-bit RGB the same way
+whatever its format: EXIF rotation applied, transparency composited onto white, 16-bit samples scaled, CMYK and
+palettes converted.
+
+Pillow and numpy only, no torch: decoding.py runs `read_array` in threads (Pillow releases the GIL while it
+decodes and resizes), and torch must not be asked for work from many threads at once (its own thread pool would
+compete with them). A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's
+DCT scaling, `Image.draft`): less work, and the resize that follows averages fewer pixels.
 """
 
 import re
@@ -13,20 +19,17 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as F
 
 from image_classifier.errors import UserError
 
 # Refuse images that would decode to more than this many pixels (a decompression bomb exhausts memory).
 MAX_PIXELS = 40_000_000
-# Formats torchvision's own decoders read, rotated by EXIF and with alpha. PIL decodes the rest: torchvision's
-# WebP decoder ignores EXIF rotation and its GIF decoder ignores transparency.
-_TORCHVISION_FORMATS = frozenset({"PNG", "JPEG", "MPO"})  # MPO: JPEG from cameras
 # Lossy WebP stores a grey image as colour and decodes it 1 level off here and there: still grey.
 GREY_TOLERANCE = 2
-# 16-bit grey modes (TIFF): PIL's convert to 8 bits clips them instead of scaling.
+# 16-bit grey modes (TIFF, PNG): PIL's convert to 8 bits clips them instead of scaling.
 _PIL_16_BIT = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+# JPEG-family formats whose decoder can scale down by 2, 4 or 8 while decoding (MPO: JPEG from cameras).
+_DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 
 
 def read_image(path: Path, channels: int | Literal["auto"], size: tuple[int, int]) -> torch.Tensor:
@@ -34,99 +37,133 @@ def read_image(path: Path, channels: int | Literal["auto"], size: tuple[int, int
     to `size` = (H, W), bilinear antialiased.
 
     Raises UserError naming the file when it is missing, not an image, corrupt, or too large to decode safely."""
-    return fit_image(decode_rgb(path), channels, size)
+    return torch.from_numpy(read_array(path, channels, size))
+
+
+def read_array(path: Path, channels: int | Literal["auto"], size: tuple[int, int]) -> np.ndarray:
+    """`read_image` as a numpy array, touching neither torch nor anything shared: safe in any thread."""
+    return fit_array(decode_rgb_array(path, max(size)), channels, size)
 
 
 def decode_rgb(path: Path) -> torch.Tensor:
     """The file's pixels as uint8 3×H×W RGB at full size, upright, transparent areas white."""
-    image_format = _checked_format(path)
+    return torch.from_numpy(np.ascontiguousarray(decode_rgb_array(path).transpose(2, 0, 1)))
+
+
+def decode_rgb_array(path: Path, at_least: int | None = None) -> np.ndarray:
+    """The file's pixels as uint8 H×W×3 RGB, upright, transparent areas white; a JPEG whose sides are both at
+    least twice `at_least` comes at a reduced scale whose sides stay at least `at_least`."""
     try:
-        if image_format in _TORCHVISION_FORMATS:
-            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-            # RGB mode would drop alpha and show what a transparent pixel happens to hold; JPEG has no alpha.
-            mode = ImageReadMode.RGB_ALPHA if image_format == "PNG" else ImageReadMode.RGB
-            pixels = decode_image(data, mode=mode, apply_exif_orientation=True)
-        else:
-            with Image.open(path) as image:
-                pixels = _pil_pixels(ImageOps.exif_transpose(image))
-    except (RuntimeError, OSError, SyntaxError, ValueError) as error:  # damage surfaces while decoding
+        with _opened(path) as image:
+            if at_least and image.format in _DRAFT_FORMATS:
+                # Before EXIF rotation, so both sides must stay above the target's larger side.
+                image.draft(None, (at_least, at_least))
+            image.load()
+            return _rgb(ImageOps.exif_transpose(image))
+    except UserError:
+        raise
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as error:  # damage shows in decoding
         raise UserError(f"{path}: image data is corrupt or truncated ({_reason(error)})") from None
-    if pixels.dtype != torch.uint8:  # 16-bit PNGs and TIFFs
-        pixels = F.to_dtype(pixels, torch.uint8, scale=True)
-    if pixels.shape[0] == 1:
-        pixels = pixels.expand(3, -1, -1)
-    return _on_white(pixels) if pixels.shape[0] == 4 else pixels
+
+
+def fit_array(rgb: np.ndarray, channels: int | Literal["auto"], size: tuple[int, int]) -> np.ndarray:
+    """uint8 H×W×3 RGB → `channels`×`size`. A grey image is resized as one channel, its luma, so its pixels are
+    the same whether the model takes 1 or 3 channels, or "auto" chose either."""
+    height, width = size
+    if channels == 1 or is_grey(rgb):
+        small = _resize(_luma(rgb), (width, height))[None]
+        return np.ascontiguousarray(np.broadcast_to(small, (3, height, width))) if channels == 3 else small
+    return np.ascontiguousarray(_resize(rgb, (width, height)).transpose(2, 0, 1))
 
 
 def fit_image(rgb: torch.Tensor, channels: int | Literal["auto"], size: tuple[int, int]) -> torch.Tensor:
-    """uint8 3×H×W RGB → `channels`×`size`. A grey image is resized as one channel, its luma, so its pixels are
-    the same whether the model takes 1 or 3 channels, or "auto" chose either."""
-    if channels == 1 or is_grey(rgb):
-        small = _resize(_luma(rgb), size)
-        return small.expand(3, -1, -1).contiguous() if channels == 3 else small
-    return _resize(rgb, size)
+    """`fit_array` for a uint8 3×H×W tensor."""
+    return torch.from_numpy(fit_array(np.ascontiguousarray(rgb.numpy().transpose(1, 2, 0)), channels, size))
 
 
-def is_grey(rgb: torch.Tensor) -> bool:
+def is_grey(rgb: np.ndarray | torch.Tensor) -> bool:
     """True when no pixel's red, green and blue differ by more than GREY_TOLERANCE: a grey photo saved as RGB
-    is grey too."""
-    return bool((rgb.amax(0) - rgb.amin(0)).max() <= GREY_TOLERANCE)
+    is grey too. Takes H×W×3 arrays, or 3×H×W tensors."""
+    if isinstance(rgb, torch.Tensor):
+        return bool((rgb.amax(0) - rgb.amin(0)).max() <= GREY_TOLERANCE)
+    return bool((rgb.max(2) - rgb.min(2)).max() <= GREY_TOLERANCE)
 
 
-def _pil_pixels(image: Image.Image) -> torch.Tensor:
-    """A PIL image as a uint8 (RGB or RGBA) or uint16 (grey) C×H×W tensor."""
+def _rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image as uint8 H×W×3 RGB: 16-bit grey scaled (not clipped), transparency onto white."""
     if image.mode in _PIL_16_BIT:
-        grey = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
-        return torch.from_numpy(grey)[None]
+        grey = (np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
     if image.has_transparency_data:  # RGBA, LA, PA, or a palette or colour marked transparent
-        return F.pil_to_tensor(image.convert("RGBA"))
-    return F.pil_to_tensor(image.convert("RGB"))  # also CMYK, palette, 1-bit
+        return _on_white(np.asarray(image.convert("RGBA")))
+    return np.asarray(image.convert("RGB"))  # also grey, CMYK, palette, 1-bit
 
 
-def _on_white(rgba: torch.Tensor) -> torch.Tensor:
+def _on_white(rgba: np.ndarray) -> np.ndarray:
     """Composite RGBA onto white, as image viewers do: the colour under a transparent pixel is often garbage
     (or black), which dropping alpha would show the model."""
-    alpha = rgba[3:].int()
+    alpha = rgba[:, :, 3:].astype(np.int32)
     if bool((alpha == 255).all()):
-        return rgba[:3]
-    blended = (rgba[:3].int() * alpha + 255 * (255 - alpha) + 127) // 255
-    return blended.to(torch.uint8)
+        return np.ascontiguousarray(rgba[:, :, :3])
+    blended = (rgba[:, :, :3].astype(np.int32) * alpha + 255 * (255 - alpha) + 127) // 255
+    return blended.astype(np.uint8)
 
 
-def _luma(rgb: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma (PIL's "L") in integers, rounded: torchvision's float version turns white into 254."""
-    r, g, b = rgb.int()
-    return ((r * 299 + g * 587 + b * 114 + 500) // 1000).to(torch.uint8)[None]
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma (PIL's "L") in integers, rounded: a float version turns white into 254."""
+    r, g, b = (rgb[:, :, i].astype(np.int32) for i in range(3))
+    return ((r * 299 + g * 587 + b * 114 + 500) // 1000).astype(np.uint8)
 
 
-def _resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.resize(pixels, list(size), antialias=True).contiguous()
+def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear, antialiased when shrinking (Pillow widens the filter by the scale), to `size` = (W, H)."""
+    image = Image.fromarray(pixels)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return np.array(image)  # a writable copy (asarray's view is read-only), small: the target size
 
 
-def _checked_format(path: Path) -> str:
-    """The file's format from its header, after checking its pixel count: the header is read, not the image."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below is stricter
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise Image.DecompressionBombError
-                return image.format or ""
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not an image") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file PIL can read") from None
-    except Image.DecompressionBombError:
-        raise UserError(
-            f"{path}: image is too large (over {MAX_PIXELS:,} pixels); refusing to decode it"
-        ) from None
-    except (OSError, SyntaxError) as error:
-        raise UserError(f"{path}: image data is corrupt or truncated ({_reason(error)})") from None
+class _opened:
+    """`Image.open(path)` after checking its pixel count from the header (nothing decoded yet), as a context
+    manager; every way a file can fail to open becomes a UserError naming it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> Image.Image:
+        path = self.path
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below is stricter
+                self.image = Image.open(path)
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise UserError(f"{path}: is a folder, not an image") from None
+        except UnidentifiedImageError:
+            raise UserError(f"{path}: not an image file PIL can read") from None
+        except Image.DecompressionBombError:
+            raise UserError(self._too_large()) from None
+        except (OSError, SyntaxError) as error:
+            raise UserError(f"{path}: image data is corrupt or truncated ({_reason(error)})") from None
+        if self.image.width * self.image.height > MAX_PIXELS:
+            self.image.close()
+            raise UserError(self._too_large())
+        return self.image
+
+    def __exit__(self, *exc: object) -> None:
+        self.image.close()
+
+    def _too_large(self) -> str:
+        return f"{self.path}: image is too large (over {MAX_PIXELS:,} pixels); refusing to decode it"
 
 
 def _reason(error: BaseException) -> str:
-    """A decoder's message without the C++ source location torchvision puts in front of it."""
+    """A decoder's message in a few words."""
     text = re.sub(r"^.*?\.cpp:\d+, ", "", " ".join(str(error).split()))
     return text[:160] or type(error).__name__

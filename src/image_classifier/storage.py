@@ -53,8 +53,7 @@ def write_split(images: Any, labels: torch.Tensor, folder: Path, shard_bytes: in
     `folder`, `shard_bytes` at most per image shard; memory holds one shard at a time. An empty split still
     gets one (empty) shard: it records the image shape."""
     per_shard = images_per_shard(images.shape[1:], shard_bytes)
-    for stale in Path(folder).parent.glob(f".{Path(folder).name}.*.tmp"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(folder)
     with atomic_dir(folder) as temp:
         write_array(temp / LABELS_FILE, labels.numpy().astype(np.int64))
         for number, start in enumerate(range(0, max(len(labels), 1), per_shard)):
@@ -62,6 +61,12 @@ def write_split(images: Any, labels: torch.Tensor, folder: Path, shard_bytes: in
             release = getattr(images, "release", None)
             if release:  # drop the pages this shard read from a mapped source
                 release()
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove the hidden temporary folders a killed run left beside `folder` (see files.atomic_dir)."""
+    for stale in Path(folder).parent.glob(f".{Path(folder).name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_split(folder: Path) -> tuple["MappedImages", torch.Tensor]:
