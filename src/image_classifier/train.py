@@ -27,7 +27,7 @@ from image_classifier.augment import augment, mix, photo_augment
 from image_classifier.backbones import Weights
 from image_classifier.batches import DataMode, InMemory, Streamed, batch_source, choose_mode
 from image_classifier.data import Split
-from image_classifier.device import autocast_dtype
+from image_classifier.device import autocast_dtype, set_deterministic
 from image_classifier.distributed import max_across, rank_and_world, sum_across
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_path, save_tensors
@@ -184,7 +184,7 @@ def train(
         print("\n".join(plan.notes))
     torch.manual_seed(params.seed)
     # Bit-identical reruns on the CPU; on a GPU some kernels have no deterministic version.
-    torch.use_deterministic_algorithms(device.type == "cpu")
+    set_deterministic(device.type == "cpu", compiled=params.compile != "none")
     generator = torch.Generator(device).manual_seed(params.seed)  # same on every process: same batches
     # Each process augments different images, so it needs its own stream (only rank 0's is checkpointed).
     augment_generator = generator if world == 1 else torch.Generator(device).manual_seed(params.seed + rank)
