@@ -26,10 +26,10 @@ DIGITS = 6  # probabilities to a millionth: far finer than any calibration is go
 
 def check_output(path: Path) -> None:
     """Refuse, before any work, an output the run could not finish writing."""
-    if path.suffix.lower() not in FORMATS:
-        raise UserError(f"--out {path}: write predictions to a .csv or .jsonl file")
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; name a file in it")
+    if path.suffix.lower() not in FORMATS:
+        raise UserError(f"--out {path}: write predictions to a .csv or .jsonl file")
 
 
 @contextmanager
