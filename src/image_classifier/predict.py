@@ -30,7 +30,7 @@ from image_classifier.images import read_image
 from image_classifier.prediction_files import check_output, prediction_writer
 from image_classifier.predictors import load_predictor
 
-# Images per model call: measured on the 2-core EPYC (benchmarks/bench_predict.py), larger batches gain nothing.
+# Images per model call: enough to amortise each call, small enough to stay under 40 MB at 3×224×224.
 BATCH_SIZE = 64
 # Classes per row in an --out file when --top is not given.
 FILE_TOP = 5
