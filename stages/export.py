@@ -11,7 +11,14 @@ def main() -> None:
     # Heavy imports (torch, MLflow, ONNX) only once params are valid: a typo fails in a fraction of a second.
     from image_classifier import paths, tracking
     from image_classifier.data import load_split
-    from image_classifier.export import example_input, export_onnx, export_program, load_model, onnx_parity
+    from image_classifier.export import (
+        example_input,
+        export_onnx,
+        export_program,
+        load_model,
+        onnx_metadata,
+        onnx_parity,
+    )
     from image_classifier.files import atomic_path, save_tensors
 
     tracking.connect(params.tracking)
@@ -23,7 +30,7 @@ def main() -> None:
         save_tensors(model.state_dict(), paths.WEIGHTS_FILE)
         with atomic_path(paths.MODEL_CONFIG) as temp:
             temp.write_text(json.dumps(config, indent=2) + "\n")
-        export_onnx(model, example, paths.ONNX_FILE, params.export.opset)
+        export_onnx(model, example, paths.ONNX_FILE, params.export.opset, onnx_metadata(config))
         export_program(model, example, paths.PT2_FILE)
         test = load_split(paths.SPLIT_DIRS["test"])
         parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)

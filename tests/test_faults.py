@@ -409,8 +409,41 @@ DATA_CASES = {
 
 PREDICT_CASES = {
     "nonexistent-image": Case(["predict", "missing.png"], nothing, (r"missing.png: no such file",)),
-    "folder-as-image": Case(
-        ["predict", "folder"], lambda repo: (repo / "folder").mkdir(), (r"folder: is a folder, not an image",)
+    # A folder is searched for images (issue 26): one without any is a mistake, and no --out file appears.
+    "empty-folder": Case(
+        ["predict", "folder", "--out", "reports/predictions.csv"],
+        lambda repo: (repo / "folder").mkdir(),
+        (r"folder: no image files in this folder",),
+    ),
+    "pattern-matching-nothing": Case(
+        ["predict", "scans/*.png", "--out", "reports/predictions.csv"],
+        nothing,
+        (r"no files match this pattern",),
+    ),
+    "unknown-registered-model": Case(
+        ["predict", "--index", "0", "--model", "models:/nope@champion", "--out", "reports/predictions.csv"],
+        nothing,
+        (r"models:/nope@champion: no registered model 'nope' in sqlite:///",),
+    ),
+    "nonexistent-onnx-model": Case(
+        ["predict", "--index", "0", "--model", "models/export/nowhere.onnx"],
+        nothing,
+        (r"model file models/export/nowhere.onnx does not exist",),
+    ),
+    "unwritable-output": Case(
+        ["predict", "--index", "0", "--out", "params.yaml/predictions.csv"],
+        nothing,
+        (r"--out params.yaml/predictions.csv: cannot write there",),
+    ),
+    "output-of-unknown-format": Case(
+        ["predict", "--index", "0", "--out", "reports/predictions.xlsx"],
+        nothing,
+        (r"write predictions to a .csv or .jsonl file",),
+    ),
+    "every-file-unreadable": Case(
+        ["predict", "notes.png", "notes.jpg", "--out", "reports/predictions.csv"],
+        lambda repo: [(repo / name).write_bytes(b"shopping list\n") for name in ("notes.png", "notes.jpg")],
+        (r"none of the 2 images could be read; the first: notes.png: not an image file",),
     ),
     "not-an-image": Case(
         ["predict", "notes.png"],

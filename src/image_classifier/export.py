@@ -1,5 +1,6 @@
 """Export formats for a trained model, and the check that ONNX computes what PyTorch computes."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,24 @@ def example_input(config: dict[str, Any], batch_size: int = 2) -> torch.Tensor:
     return torch.rand(batch_size, *config["image_shape"], generator=torch.Generator().manual_seed(0))
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    """ONNX with a dynamic batch dimension, through the torch.export-based exporter."""
+def onnx_metadata(config: dict[str, Any]) -> dict[str, str]:
+    """What a program running the .onnx alone needs beyond its graph: the class of each logit (the input shape is
+    in the graph). `predict --model model.onnx` reads it; ONNX Runtime shows it as custom_metadata_map."""
+    metadata = {"image_classifier.classes": json.dumps(config["classes"])}
+    if "dataset" in config:
+        metadata["image_classifier.dataset"] = config["dataset"]
+    return metadata
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """ONNX with a dynamic batch dimension, through the torch.export-based exporter; `metadata` goes into the
+    model's metadata_props."""
     batch = torch.export.Dim("batch", min=1, max=65536)
     with atomic_path(path) as temp:
         program = torch.onnx.export(
@@ -49,6 +66,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
             opset_version=opset,
             verbose=False,
         )
+        program.model.metadata_props.update(metadata or {})
         program.save(str(temp))
 
 
