@@ -11,7 +11,14 @@ def main() -> None:
     # Heavy imports (torch, MLflow, ONNX) only once params are valid: a typo fails in a fraction of a second.
     from image_classifier import paths, tracking
     from image_classifier.data import load_split
-    from image_classifier.export import example_input, export_onnx, export_program, load_model, onnx_parity
+    from image_classifier.export import (
+        example_input,
+        export_onnx,
+        export_program,
+        load_model,
+        onnx_parity,
+        parity_failure,
+    )
     from image_classifier.files import atomic_path, save_tensors
 
     tracking.connect(params.tracking)
@@ -27,11 +34,9 @@ def main() -> None:
         export_program(model, example, paths.PT2_FILE)
         test = load_split(paths.SPLIT_DIRS["test"])
         parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)
-        if parity["onnx_max_abs_logit_diff"] > params.export.max_logit_diff:
-            raise UserError(
-                f"ONNX logits differ from PyTorch by {parity['onnx_max_abs_logit_diff']:.2e}, more than "
-                f"export.max_logit_diff = {params.export.max_logit_diff:g}"
-            )
+        failure = parity_failure(parity, params.export.max_logit_diff)
+        if failure:
+            raise UserError(failure)
 
         with atomic_path(paths.EXPORT_METRICS) as temp:
             temp.write_text(json.dumps(parity, indent=2) + "\n")
@@ -45,7 +50,8 @@ def main() -> None:
         )
     print(
         f"ONNX vs PyTorch on {parity['onnx_checked_images']} test images: max |logit diff| "
-        f"{parity['onnx_max_abs_logit_diff']:.2e}, agreement {parity['onnx_prediction_agreement']:.4f}; "
+        f"{parity['onnx_max_abs_logit_diff']:.2e} ({parity['onnx_max_rel_logit_diff']:.1e} of the logits' scale), "
+        f"agreement {parity['onnx_prediction_agreement']:.4f}; "
         f"registered {registered['name']} version {registered['version']} ({registered['decision']})"
     )
 
