@@ -18,6 +18,7 @@ def main() -> None:
         load_model,
         onnx_metadata,
         onnx_parity,
+        parity_failure,
     )
     from image_classifier.files import atomic_path, save_tensors
 
@@ -34,11 +35,9 @@ def main() -> None:
         export_program(model, example, paths.PT2_FILE)
         test = load_split(paths.SPLIT_DIRS["test"])
         parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)
-        if parity["onnx_max_abs_logit_diff"] > params.export.max_logit_diff:
-            raise UserError(
-                f"ONNX logits differ from PyTorch by {parity['onnx_max_abs_logit_diff']:.2e}, more than "
-                f"export.max_logit_diff = {params.export.max_logit_diff:g}"
-            )
+        failure = parity_failure(parity, params.export.max_logit_diff)
+        if failure:
+            raise UserError(failure)
 
         with atomic_path(paths.EXPORT_METRICS) as temp:
             temp.write_text(json.dumps(parity, indent=2) + "\n")
@@ -52,7 +51,8 @@ def main() -> None:
         )
     print(
         f"ONNX vs PyTorch on {parity['onnx_checked_images']} test images: max |logit diff| "
-        f"{parity['onnx_max_abs_logit_diff']:.2e}, agreement {parity['onnx_prediction_agreement']:.4f}; "
+        f"{parity['onnx_max_abs_logit_diff']:.2e} ({parity['onnx_max_rel_logit_diff']:.1e} of the logits' scale), "
+        f"agreement {parity['onnx_prediction_agreement']:.4f}; "
         f"registered {registered['name']} version {registered['version']} ({registered['decision']})"
     )
 

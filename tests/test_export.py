@@ -18,6 +18,8 @@ from image_classifier.export import (
     export_program,
     load_model,
     onnx_parity,
+    parity_failure,
+    parity_metrics,
     save_model,
 )
 from image_classifier.models import build_model, predict_logits
@@ -146,3 +148,36 @@ def test_sample_mosaic_matches_torchvision_make_grid() -> None:
         images = torch.randint(0, 256, (7, channels, 10, 12), dtype=torch.uint8)
         expected = make_grid(images, nrow=3, padding=4, pad_value=255).permute(1, 2, 0)
         assert torch.equal(_mosaic(images, 3, 4), expected)
+
+
+def test_parity_judges_logits_relative_to_their_scale() -> None:
+    """Float noise passes at any logit scale (EfficientNet-Lite0's ImageNet logits reach ~12, its ONNX gap 2e-5);
+    a 1% change of the model (a real mismatch) fails, as does a gap that is small in logits but moves
+    probabilities."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 6, (50, 10)).astype(np.float32)
+    noise = reference + rng.normal(0, 2e-5, reference.shape).astype(np.float32)
+    assert parity_failure(parity_metrics(reference, noise), 1e-3) is None
+    assert parity_metrics(reference, noise)["onnx_max_abs_logit_diff"] > 1e-5  # the old 1e-4 was this close
+    wrong = reference * 1.01
+    failure = parity_failure(parity_metrics(reference, wrong), 1e-3)
+    assert failure and failure.startswith("ONNX logits differ from PyTorch's by")
+    tiny = np.zeros((4, 3), np.float32)  # an untrained model: logits near 0, scale floored at 1
+    assert parity_failure(parity_metrics(tiny, tiny + 5e-3), 1e-3).startswith("ONNX logits differ")
+
+
+def test_a_prediction_flips_only_on_a_tie_within_the_tolerance() -> None:
+    """A flip needs a gap of half PyTorch's top-two margin: bounded gaps allow flips on near-ties only."""
+    import numpy as np
+
+    reference = np.array([[3.0, 1.0, 0.0], [2.0, 2.0 + 5e-6, 0.0]], np.float32)
+    tie_flipped = reference.copy()
+    tie_flipped[1] = [2.0 + 5e-6, 2.0, 0.0]
+    parity = parity_metrics(reference, tie_flipped)
+    assert (parity["onnx_prediction_agreement"], parity["onnx_disagreements"]) == (0.5, 1)
+    assert parity["onnx_max_flipped_margin"] < 2e-6 and parity_failure(parity, 1e-3) is None
+    clear_flip = parity_metrics(reference, reference[:, [1, 0, 2]])
+    assert clear_flip["onnx_max_flipped_margin"] == pytest.approx(2 / 3)
+    assert parity_failure(clear_flip, 1e-3).startswith("ONNX logits differ from PyTorch's by 6.67e-01")

@@ -68,6 +68,14 @@ def refusal(raw: object) -> str:
         ("data", "channels", True, "data.channels = True must be 1 (grayscale), 3 (RGB) or 'auto', not bool"),
         ("data", "channels", 3.0, "data.channels = 3.0 must be"),
         ("fetch", "local_dirs", "/data", "fetch.local_dirs = '/data' must be a list"),
+        # Relative to the logits' scale since issue 24: a share, so 1 or more cannot be meant.
+        (
+            "export",
+            "max_logit_diff",
+            1,
+            "export.max_logit_diff = 1 is out of range; allowed: a share above 0",
+        ),
+        ("export", "max_logit_diff", 0, "export.max_logit_diff = 0 is out of range"),
         ("fetch", "local_dirs", ["/data", 5], "fetch.local_dirs[1] = 5 must be str, not int"),
         ("preprocess", "val_size", -1, "preprocess.val_size = -1 is out of range"),
         (
@@ -129,6 +137,7 @@ def test_auto_is_refused_elsewhere_in_one_line_naming_the_key(name: str) -> None
         ("train", "patience", 0),
         ("train", "ema_decay", 0.0),
         ("train", "class_weights", "balanced"),
+        ("export", "max_logit_diff", 0.5),
     ],
 )
 def test_values_at_the_edges_are_accepted(section: str, key: str, value: object) -> None:

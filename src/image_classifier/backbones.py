@@ -5,12 +5,15 @@ Every source `train.pretrained` can name ends as one local file whose sha256 is 
 itself loads it (`pretrained_cfg_overlay={"file": ...}`): timm adapts the first convolution to grey images
 (`in_chans`), drops the ImageNet classifier for the data set's classes and applies the architecture's own key
 filter, exactly as `timm.create_model(pretrained=True)` would. Loading never unpickles code: timm reads
-`.safetensors` with safetensors and everything else with `torch.load(weights_only=True)`.
+`.safetensors` with safetensors and everything else with `torch.load(weights_only=True)`. A file in another
+project's names (EfficientNet-PyTorch's: weight_layouts.py) is recognised by its keys and converted by name rules
+in memory; timm then loads the converted tensors the same way, and the hash logged stays the file's own.
 
 Downloads go where timm would send them (the Hugging Face Hub first, else the URL through torch.hub), into one
 cache folder (paths.pretrained_cache) that can be copied to a machine without internet.
 """
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -22,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from image_classifier import paths
+from image_classifier import paths, weight_layouts
 from image_classifier.errors import UserError, load_failure
 
 PREFIX = "timm:"
@@ -41,10 +44,12 @@ class Weights:
     file: Path
     sha256: str
     config: dict[str, Any] = field(default_factory=dict)  # pretrained config shipped with them (mean, std...)
+    layout: str = weight_layouts.TIMM  # whose names the file's tensors are in (weight_layouts.py)
 
     def line(self) -> str:
         where = "" if self.source == str(self.file) else f" ({self.file})"
-        return f"pretrained weights: {self.source}{where}, sha256 {self.sha256}"
+        names = "" if self.layout == weight_layouts.TIMM else f", {self.layout} names converted to timm's"
+        return f"pretrained weights: {self.source}{where}, sha256 {self.sha256}{names}"
 
 
 def is_timm(model: str) -> bool:
@@ -110,11 +115,15 @@ def create(
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     # Loaded with the file's own classifier, so timm loads strictly (with another class count it drops the
     # classifier and loads whatever names match, silently); then the classifier is replaced for our classes.
-    # `source` and the Hub id are cleared so timm reads the file rather than where it would download from.
-    file_classes = _classifier_rows(weights, model)
+    # `source` and the Hub id are cleared so timm reads the file rather than where it would download from; a
+    # file in another layout is handed to timm converted, as a state dict (timm's highest-priority source).
+    converted = converted_state(weights, model, kwargs)
+    shapes = {key: tuple(value.shape) for key, value in converted.items()} if converted else None
+    file_classes = _classifier_rows(weights, model, shapes)
     overlay = {
         **weights.config,
         "file": str(weights.file),
+        "state_dict": converted,
         "source": "",
         "hf_hub_id": None,
         "url": None,
@@ -135,27 +144,58 @@ def create(
     return network
 
 
-def _classifier_rows(weights: Weights, model: str) -> int:
+def converted_state(weights: Weights, model: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The file's tensors in timm's names when it is in another layout (None when it is in timm's): converted
+    against the architecture built with the file's own class count and 3 input channels, as published."""
+    import timm
+
+    if weights.layout == weight_layouts.TIMM:
+        return None
+    state = read_state(weights.file)
+    classes = state["_fc.weight"].shape[0] if "_fc.weight" in state else 0
+    network = timm.create_model(architecture(model), pretrained=False, num_classes=classes, **kwargs)
+    return weight_layouts.to_timm(state, network, f"train.pretrained: {weights.file}")
+
+
+def _classifier_rows(weights: Weights, model: str, shapes: dict[str, tuple[int, ...]] | None = None) -> int:
     """How many classes the file's classifier has (0 for a file without one: a bare backbone)."""
     classifier = default_config(model).get("classifier") or "head"
     classifier = classifier if isinstance(classifier, str) else classifier[0]
-    shapes = weight_shapes(weights.file)
+    shapes = shapes or weight_shapes(weights.file)
     shape = shapes.get(f"{classifier}.weight") or shapes.get(f"module.{classifier}.weight")
     return shape[0] if shape else 0
 
 
 def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape in a weights file, read without running code: a safetensors header, or
-    `torch.load(weights_only=True)` (memory-mapped) unwrapped as timm unwraps training checkpoints."""
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
+    """Each tensor's shape in a weights file, read without running code (a safetensors header, or read_state)."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
 
+        try:
             with safe_open(str(file), "pt") as opened:
                 return {key: tuple(opened.get_slice(key).get_shape()) for key in opened.keys()}  # noqa: SIM118
+        except Exception as error:  # not safetensors, truncated
+            raise UserError(f"train.pretrained: {file} cannot be loaded: {load_failure(error)}") from None
+    return {key: tuple(value.shape) for key, value in read_state(file).items() if hasattr(value, "shape")}
+
+
+def read_state(file: Path) -> dict[str, Any]:
+    """A weights file's tensors, read without running code: safetensors, or `torch.load(weights_only=True)`
+    (memory-mapped) unwrapped as timm unwraps training checkpoints."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
         import torch
 
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # torch.save's legacy format (the EfficientNet-PyTorch files) cannot be memory-mapped: read it whole.
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # not safetensors, refused pickle, truncated
         raise UserError(f"train.pretrained: {file} cannot be loaded: {load_failure(error)}") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
@@ -166,7 +206,7 @@ def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         raise UserError(
             f"train.pretrained: {file} holds a {type(state).__name__}, not a state dict of tensors"
         )
-    return {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
+    return state
 
 
 def mismatch(error: RuntimeError) -> str:
@@ -198,9 +238,16 @@ def mismatch(error: RuntimeError) -> str:
 
 
 def resolve_weights(pretrained: str, model: str) -> Weights | None:
-    """`train.pretrained` as a local file (downloading it first if need be), or None for random weights."""
+    """`train.pretrained` as a local file (downloading it first if need be), or None for random weights; its
+    layout (whose names its tensors are in) read from its keys."""
     if not pretrained:
         return None
+    weights = _resolve(pretrained, model)
+    layout = weight_layouts.detect(list(weight_shapes(weights.file)))
+    return dataclasses.replace(weights, layout=layout)
+
+
+def _resolve(pretrained: str, model: str) -> Weights:
     if pretrained == "default":
         return _published(model)
     if pretrained.startswith("hf-hub:"):

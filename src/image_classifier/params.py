@@ -176,7 +176,8 @@ class EvaluateParams(_Section):
 
 class ExportParams(_Section):
     opset: int = Field(ge=17, le=23, description="an ONNX opset from 17 to 23")
-    max_logit_diff: Number = Field(gt=0, description="a number above 0")
+    # Relative to the logits' scale (export.parity_failure): above 0, below 1.
+    max_logit_diff: Number = Field(gt=0, lt=1, description="a share above 0 and below 1")
 
 
 class TrackingParams(_Section):

