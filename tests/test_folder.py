@@ -371,6 +371,28 @@ def test_image_size_auto_is_the_small_models_size() -> None:
     assert resolve_image_size(48, "cnn") == 48
 
 
+@pytest.mark.parametrize(
+    ("sides", "expected"),
+    [
+        ([(8, 8)] * 5, 8),  # tiny images stay tiny: never enlarged
+        ([(14, 14)] * 3 + [(300, 200)] * 2, 14),  # the median, not the largest
+        ([(500, 375)] * 4, 64),  # photos: at most 64 for our networks
+        ([(5, 5)] * 3, 8),  # below what the networks take: 8
+        ([(60, 20)] * 3, 20),  # the shorter side
+    ],
+)
+def test_image_size_auto_follows_the_folders_images(tmp_path: Path, sides: list, expected: int) -> None:
+    root = tmp_path / "images"
+    for index, (width, height) in enumerate(sides):
+        for label in ("a", "b"):
+            (root / label).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (width, height), 128).save(root / label / f"{index}.png")
+    copy_image_folder(root, tmp_path / "raw")
+    assert resolve_image_size("auto", "convnet", tmp_path / "raw") == expected
+    assert resolve_image_size(32, "convnet", tmp_path / "raw") == 32
+    assert resolve_image_size("auto", "timm:resnet18", tmp_path / "raw") == 224
+
+
 def test_preprocess_stage_resolves_auto_and_says_what_it_chose(tmp_path: Path, monkeypatch, capsys) -> None:
     root = shapes_folder(tmp_path / "images", per_class=10, grey=1.0, formats=("png", "jpg"))
     copy_image_folder(root, tmp_path / "data" / "raw")
@@ -386,11 +408,13 @@ def test_preprocess_stage_resolves_auto_and_says_what_it_chose(tmp_path: Path, m
     stage.main()
 
     summary, counts = capsys.readouterr().out.strip().splitlines()[-2:]
+    # The shapes are drawn at 40 pixels: auto keeps their own size (never enlarged to 64).
     assert (
-        "images of 1×64×64 (data.image_size auto: 64; data.channels auto: 1, every image is grey)" in summary
+        "images of 1×40×40 (data.image_size auto: 40 (the images' median shorter side, within 8..64); "
+        "data.channels auto: 1, every image is grey)" in summary
     )
     assert counts == "training images per class: circle 7, square 7, triangle 7"
-    assert json.loads((tmp_path / "data/processed/meta.json").read_text())["image_shape"] == [1, 64, 64]
+    assert json.loads((tmp_path / "data/processed/meta.json").read_text())["image_shape"] == [1, 40, 40]
 
 
 # --- Refusals --------------------------------------------------------------------------------------------------

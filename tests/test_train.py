@@ -13,7 +13,7 @@ from image_classifier.data import Split
 from image_classifier.errors import UserError
 from image_classifier.models import CNN_LAYOUT, QuickstartMLP, build_model, model_config
 from image_classifier.optim import class_weights, make_ema
-from image_classifier.plan import batch_starts, plan_training
+from image_classifier.plan import MAX_AUTO_EPOCHS, batch_starts, plan_training
 from image_classifier.train import Selection, resume_path, train
 
 
@@ -186,9 +186,10 @@ def test_batch_larger_than_data_uses_the_whole_set_and_says_so(tiny_params, tmp_
     ("images", "batch", "lr", "epochs"),
     [
         (55_000, 256, 0.2, 12),  # Fashion-MNIST: the reference batch, 215 steps an epoch
-        (1_600, 128, 0.2 * (128 / 256) ** 0.5, 193),  # a 2,000-photo folder: 13 steps an epoch
-        (130, 16, 0.05, 278),  # 180 photos: 16 per batch, 9 steps an epoch
-        (10, 10, 0.2 * (10 / 256) ** 0.5, 2500),  # fewer images than the smallest auto batch
+        (16_000, 256, 0.2, 40),  # 62 steps an epoch: 2,500 steps in 40 epochs
+        (1_600, 128, 0.2 * (128 / 256) ** 0.5, 60),  # a 2,000-photo folder: 13 steps an epoch, capped at 60
+        (130, 16, 0.05, 60),  # 180 photos: 16 per batch, 9 steps an epoch, capped at 60
+        (10, 10, 0.2 * (10 / 256) ** 0.5, 60),  # fewer images than the smallest auto batch
         (10_000_000, 256, 0.2, 3),  # a huge set still gets MIN_AUTO_EPOCHS passes
     ],
 )
@@ -197,7 +198,9 @@ def test_auto_plan_follows_the_size_of_the_data(tiny_params, images, batch, lr, 
     plan = plan_training(params, images)
     assert (plan.batch_size, plan.epochs) == (batch, epochs)
     assert plan.lr == pytest.approx(lr)
-    assert plan.epochs * plan.steps_per_epoch >= min(params.target_steps, 3 * plan.steps_per_epoch)
+    steps = plan.epochs * plan.steps_per_epoch
+    assert steps >= min(params.target_steps, 3 * plan.steps_per_epoch, MAX_AUTO_EPOCHS * plan.steps_per_epoch)
+    assert any(f"within 3..{MAX_AUTO_EPOCHS} epochs" in note for note in plan.notes)  # said, and logged
 
 
 def test_explicit_values_are_kept(tiny_params) -> None:
@@ -219,7 +222,35 @@ def test_explicit_values_are_kept(tiny_params) -> None:
 def test_auto_translation_is_for_networks_that_pool_globally(tiny_params) -> None:
     params = tiny_params.train.model_copy(update={"crop_padding": "auto"})
     assert plan_training(params, 1_000, image_size=64, model="convnet").crop_padding == 8
+    assert plan_training(params, 1_000, image_size=16, model="convnet").crop_padding == 2
     assert plan_training(params, 1_000, image_size=28, model="cnn").crop_padding == 0
+    # Under 16 pixels one pixel of shift is too much of the image.
+    assert plan_training(params, 1_000, image_size=14, model="convnet").crop_padding == 0
+
+
+@pytest.mark.parametrize(
+    ("size", "pools", "grid"), [(8, 1, 4), (14, 1, 7), (16, 2, 4), (28, 2, 7), (64, 3, 8)]
+)
+def test_convnet_pools_fewer_times_for_tiny_images(size: int, pools: int, grid: int) -> None:
+    params = params_module.load(REPO / "params.yaml").train
+    config, _ = model_config(params, "folder", [3, size, size], list(CONFIG["classes"]), [0.3] * 3, [0.3] * 3)
+    assert config["model_kwargs"] == {"pools": pools}
+    model = build_model(config)
+    features = model.network.features[:-2]  # up to the global pooling
+    assert features(torch.rand(2, 3, size, size)).shape[-1] == grid
+    assert model(torch.rand(2, 3, size, size)).shape == (2, 10)
+    # A convnet file saved before `pools` existed (no model_kwargs) rebuilds with three, its key names unchanged.
+    older = build_model({key: value for key, value in config.items() if key != "model_kwargs"})
+    assert older.state_dict().keys() == model.state_dict().keys()
+
+
+def test_cnn_keeps_full_resolution_in_its_stem_for_images_under_16_pixels() -> None:
+    params = params_module.load(REPO / "params.yaml").train.model_copy(update={"model": "cnn"})
+    config, _ = model_config(params, "folder", [1, 8, 8], list(CONFIG["classes"]), [0.3], [0.3])
+    assert config["model_kwargs"] == {**CNN_LAYOUT, "stem_stride": 1}
+    assert build_model(config)(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    config, _ = model_config(params, "folder", [1, 16, 16], list(CONFIG["classes"]), [0.3], [0.3])
+    assert config["model_kwargs"] == CNN_LAYOUT
 
 
 def test_selection_keeps_the_latest_epoch_within_a_standard_error_of_the_best() -> None:
