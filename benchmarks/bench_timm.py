@@ -143,7 +143,7 @@ def timms(folder: Path, size: int, train_py: Path, precision: str) -> dict:
 
 def fine_tune(count: int, size: int, epochs: int) -> dict:
     """`dvc repro` on a folder of `count` real images with train.model timm:resnet18 from random weights."""
-    from bench import copy_repository
+    from repository import copy_repository
 
     with tempfile.TemporaryDirectory() as scratch:
         repo = copy_repository(Path(scratch) / "repo")
