@@ -3,11 +3,7 @@
 Every input gives exactly one row: its top classes and calibrated probabilities, or why it could not be read.
 """
 
-import itertools
-import os
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,9 +14,6 @@ from image_classifier.predictors import Predictor
 
 # What a decoder yields for each input, in input order: (position, uint8 C×H×W pixels or None, error or None).
 Decoded = tuple[int, np.ndarray | None, str | None]
-# Decoded images waiting per thread: enough to keep every thread busy while the model runs a batch, few enough
-# that memory stays small whatever the number of files.
-AHEAD_PER_WORKER = 32
 
 
 @dataclass
@@ -34,41 +27,13 @@ class Row:
 def decode_iter(
     paths: list[Path], channels: int | Literal["auto"], size: int, workers: int | None = None
 ) -> Iterator[Decoded]:
-    """Each file read by `read_image` (so the model sees the pixels preprocess gave it in training), as
-    (position, array, None) or (position, None, error), in order, decoded by `workers` threads (default: one
-    per core). Threads, not processes: Pillow and torchvision's decoders release the GIL, and a thread needs
-    neither a fork after torch started its own threads nor a spawn that imports torch again.
+    """Each file decoded by preprocess's own decoder (decoding.decode_iter: the same `read_array`, threads, in
+    order, bounded read-ahead), so the model sees the pixels it saw in training; an error's leading file name is
+    dropped, since the row already names the file."""
+    from image_classifier import decoding
 
-    The same signature and yields as the decoder issue 25 adds to decoding.py: swapping to it is one import."""
-    workers = workers or len(os.sched_getaffinity(0))
-    inputs = iter(enumerate(paths))
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future[Decoded]] = deque()
-
-        def submit(item: tuple[int, Path]) -> None:
-            pending.append(pool.submit(_decode_one, *item, channels, size))
-
-        for item in itertools.islice(inputs, workers * AHEAD_PER_WORKER):
-            submit(item)
-        try:
-            while pending:
-                yield pending.popleft().result()
-                item = next(inputs, None)
-                if item is not None:  # one in for each one out
-                    submit(item)
-        finally:  # a consumer that stops early (an error, Ctrl-C) does not wait for the files queued ahead
-            for future in pending:
-                future.cancel()
-
-
-def _decode_one(position: int, path: Path, channels: int | Literal["auto"], size: int) -> Decoded:
-    from image_classifier.images import read_image
-
-    try:
-        return position, read_image(path, channels, (size, size)).numpy(), None
-    except Exception as error:  # one bad file must not end a night's batch: it gets a row saying why
-        message = " ".join(str(error).split()) or type(error).__name__
-        return position, None, message.removeprefix(f"{path}: ")
+    for position, pixels, error in decoding.decode_iter(paths, channels, size, workers):
+        yield position, pixels, error and error.removeprefix(f"{paths[position]}: ")
 
 
 def classify(
