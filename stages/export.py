@@ -31,8 +31,9 @@ def main() -> None:
         save_tensors(model.state_dict(), paths.WEIGHTS_FILE)
         with atomic_path(paths.MODEL_CONFIG) as temp:
             temp.write_text(json.dumps(config, indent=2) + "\n")
-        export_onnx(model, example, paths.ONNX_FILE, params.export.opset, onnx_metadata(config))
-        export_program(model, example, paths.PT2_FILE)
+        # One trace of the model serves both formats.
+        program = export_program(model, example, paths.PT2_FILE)
+        export_onnx(model, example, paths.ONNX_FILE, params.export.opset, onnx_metadata(config), program)
         test = load_split(paths.SPLIT_DIRS["test"])
         parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)
         failure = parity_failure(parity, params.export.max_logit_diff)

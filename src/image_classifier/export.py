@@ -59,31 +59,38 @@ def export_onnx(
     path: Path,
     opset: int,
     metadata: dict[str, str] | None = None,
+    program: torch.export.ExportedProgram | None = None,
 ) -> None:
     """ONNX with a dynamic batch dimension, through the torch.export-based exporter; `metadata` goes into the
-    model's metadata_props."""
-    batch = torch.export.Dim("batch", min=1, max=65536)
+    model's metadata_props. Given the `program` export_program made of the same model, ONNX is converted from it
+    instead of tracing the model a second time (0.5-0.7 s of a small run's export stage, measured here)."""
+    source, shapes = (program, None) if program is not None else (model.eval(), _dynamic_batch())
     with atomic_path(path) as temp:
-        program = torch.onnx.export(
-            model.eval(),
+        onnx_program = torch.onnx.export(
+            source,
             (example,),
             dynamo=True,
-            dynamic_shapes={"images": {0: batch}},
+            dynamic_shapes=shapes,
             input_names=["images"],
             output_names=["logits"],
             opset_version=opset,
             verbose=False,
         )
-        program.model.metadata_props.update(metadata or {})
-        program.save(str(temp))
+        onnx_program.model.metadata_props.update(metadata or {})
+        onnx_program.save(str(temp))
 
 
-def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """A torch.export program (.pt2): runs without the model's Python code, e.g. from C++ or AOTInductor."""
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: batch}})
+def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> torch.export.ExportedProgram:
+    """A torch.export program (.pt2), saved at `path` and returned: runs without the model's Python code, e.g.
+    from C++ or AOTInductor."""
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=_dynamic_batch())
     with atomic_path(path) as temp, temp.open("wb") as file:  # a file object: see files.save_tensors
         torch.export.save(program, file)
+    return program
+
+
+def _dynamic_batch() -> dict[str, dict[int, torch.export.Dim]]:
+    return {"images": {0: torch.export.Dim("batch", min=1, max=65536)}}
 
 
 def onnx_parity(
