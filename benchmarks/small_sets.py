@@ -97,7 +97,8 @@ def rows(measure, device: str, tutorial: dict | None) -> list[tuple[str, ...]]:
         table.append(
             (
                 f"{name}: whole `dvc exp run` of the defaults ({size}, {result['epochs']} epochs, "
-                f"{result['train_seconds']:.1f} s of training; {gap:+.1f} points against {best_name})",
+                f"{result['train_seconds']:.1f} s of training, overhead "
+                f"{result['seconds'] - result['train_seconds']:.1f} s; {gap:+.1f} points against {best_name})",
                 f"{result['seconds']:.1f} s",
                 f"{result['test_accuracy']:.4f}",
                 ratio,

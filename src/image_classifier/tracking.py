@@ -133,6 +133,8 @@ def connect(params: TrackingParams) -> str:
         database.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if not sys.stderr.isatty():  # MLflow's artifact bars would write carriage-return updates into a log file
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         with quick_requests(), _sqlite_store_lock(database) if database else contextlib.nullcontext():
             _use_experiment(params.experiment, database)
