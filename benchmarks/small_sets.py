@@ -39,12 +39,14 @@ def pipeline_and_baseline(name: str, device: str) -> dict:
             subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
             return time.perf_counter() - started
 
+        images = Path(scratch) / "images"  # outside the repository, as a user's folder would be
         sources = ["--source", str(REPO / "data/raw"), "--source", "/usr/share/datasets/fashion-mnist"]
-        run(sys.executable, "scripts/make_example_folder.py", "--dest", "images", *SETS[name], *sources)
+        run(sys.executable, "scripts/make_example_folder.py", "--dest", str(images), *SETS[name], *sources)
         run("git", "init", "-q")
-        run("dvc", "init", "-q")
-        run("git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qam", "bench")
-        overrides = ["-S", "data.dataset=folder", "-S", "data.path=images", "-S", f"train.device={device}"]
+        run("dvc", "init", "-q", "-f")
+        run("git", "add", "-A")
+        run("git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench")
+        overrides = ["-S", "data.dataset=folder", "-S", f"data.path={images}", "-S", f"train.device={device}"]
         seconds = run("dvc", "exp", "run", *overrides)
         train = json.loads((repo / "reports/train/metrics.json").read_text())
         test = json.loads((repo / "reports/evaluate/metrics.json").read_text())
