@@ -190,8 +190,9 @@ HOLD_HOOK = Path(__file__).resolve().parent / "hold"
 
 def hold_env(marker: Path, checkpoint: str = "*", epoch: int = 1) -> dict[str, str]:
     """The environment that holds a training after its first checkpoint named like `checkpoint` (a glob) of epoch
-    `epoch` or later, until a signal ends it; `marker` appears when it holds (tests/hold/sitecustomize.py). Wait for
-    the marker, then signal: no race with the training, however fast or slow the machine."""
+    `epoch` or later, until a signal ends it or the test deletes `marker`, which appears when it holds
+    (tests/hold/sitecustomize.py). Wait for the marker, then signal: no race with the training, however fast or
+    slow the machine."""
     path = os.environ.get("PYTHONPATH")
     return {
         "PYTHONPATH": f"{HOLD_HOOK}{os.pathsep}{path}" if path else str(HOLD_HOOK),

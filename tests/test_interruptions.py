@@ -137,11 +137,15 @@ def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict, t
     model = repo / "models/model.pt"
     assert not model.exists() or state_dict_hash(model) == pipeline["weights"], "no partial model file"
 
-    # `dvc repro` resumes after the last checkpoint. While it runs the stage, a second `dvc repro` is refused by DVC's lock.
-    job = start_command(["dvc", "repro", "train"], repo)
+    # `dvc repro` resumes after the last checkpoint. While it holds one epoch on, a second `dvc repro` is refused
+    # by DVC's lock; then the test releases it (a training that ended first would let the second one in).
+    marker = tmp_path / "held-3"
+    job = start_command(["dvc", "repro", "train"], repo, hold_env(marker, "train-*.pt", killed + 1))
     try:
-        wait_for(lambda: holds_dvc_lock(repo, job.pid), job, 300, "the first dvc repro to lock the stage")
+        wait_for(marker.exists, job, 300, "the resumed training's next checkpoint")
+        assert holds_dvc_lock(repo, job.pid)
         second = run_command(["dvc", "repro"], repo, timeout=120)
+        marker.unlink()
         output = job.communicate(timeout=300)[0].decode(errors="replace")
     finally:
         kill_group(job)

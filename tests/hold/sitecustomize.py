@@ -9,9 +9,11 @@ imports `image_classifier.train` (a stage under `dvc repro`, `tune`) it then
   at does not depend on the machine's speed, and
 - after the first checkpoint whose file name matches HOLD_CHECKPOINT (a glob; default `*`) and whose epoch is at
   least HOLD_EPOCH (default 1), creates HOLD_MARKER (its text: that epoch) and sleeps until a signal ends the
-  process (or HOLD_SECONDS pass, 600 by default, so that a broken test cannot hang for ever).
+  process or the test deletes the marker (then the training goes on), or HOLD_SECONDS pass (600 by default, so
+  that a broken test cannot hang for ever).
 
-The test waits for the marker, then signals: the signal lands at the point the test chose, every time.
+The test waits for the marker, then signals (or does what must happen while the training runs, and releases it):
+the signal lands at the point the test chose, every time.
 """
 
 import fnmatch
@@ -36,17 +38,20 @@ def _patch(module: ModuleType) -> None:
     pattern = os.environ.get("HOLD_CHECKPOINT", "*")
     epoch = int(os.environ.get("HOLD_EPOCH", "1"))
     seconds = float(os.environ.get("HOLD_SECONDS", "600"))
-    save = module.save_tensors
+    save, held = module.save_tensors, []
 
     def save_then_hold(obj: Any, path: Path) -> None:
         save(obj, path)
-        if marker.exists() or not fnmatch.fnmatch(Path(path).name, pattern) or obj["epoch"] < epoch:
+        if held or not fnmatch.fnmatch(Path(path).name, pattern) or obj["epoch"] < epoch:
             return
+        held.append(obj["epoch"])  # once per process: a released training does not hold again
         temp = marker.with_name(f".{marker.name}.tmp")
         temp.write_text(str(obj["epoch"]))
         temp.replace(marker)  # whole or absent: the test may read it the moment it appears
         end = time.monotonic() + seconds
-        while time.monotonic() < end:  # the test's signal interrupts the sleep and unwinds the training
+        while (
+            marker.exists() and time.monotonic() < end
+        ):  # a signal interrupts the sleep, unwinding the training
             time.sleep(0.1)
 
     module.CHECKPOINT_SECONDS = 0.0
