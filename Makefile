@@ -3,7 +3,9 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 # Stages run as `python stages/<name>.py`: put the venv first so DVC finds the project's Python.
 export PATH := $(BIN):$(PATH)
-MODEL ?= fashion-mnist-classifier
+# `make serve`: the registered model the pipeline's export stage made under params.yaml (tracking.model_name, else
+# <data set>-classifier, <folder>-classifier for your own images), computed when used; MODEL=name for another.
+MODEL ?= $(shell $(BIN)/python -c 'from image_classifier import params, tracking; print(tracking.registered_name(params.load()))')
 PORT ?= 5000
 SERVE_PORT ?= 5001
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
@@ -22,6 +24,9 @@ TEAM_ALLOWED_HOSTS ?=
 # `make tune`: how many trials this run adds to which study.
 TRIALS ?= 20
 STUDY ?= default
+# An Optuna storage URL shared by several processes or machines ("" = mlruns/optuna.db); postgresql:// needs the
+# `team` extra (PostgreSQL's driver), which the target then installs.
+STORAGE ?=
 # `make pretrained`: the timm architectures whose published weights to download into the cache.
 ARCH ?= timm:resnet18
 TEAM_LOGIN ?=
@@ -75,18 +80,18 @@ team-server: setup-team ## Shared MLflow server for teammates on http://127.0.0.
 	python -m image_classifier.team_server --host $(TEAM_HOST) --port $(PORT) --backend-store-uri $(TEAM_DB) \
 	  --artifacts-destination $(TEAM_ARTIFACTS) --folder $(abspath $(TEAM_STORE))$(if $(TEAM_ALLOWED_HOSTS), --allowed-hosts $(TEAM_ALLOWED_HOSTS))$(if $(TEAM_LOGIN), --login)$(if $(TEAM_AUTH_DB), --auth-db $(TEAM_AUTH_DB))
 
-serve: setup ## Serve the champion model over REST on http://127.0.0.1:5001/invocations (SERVE_PORT=...)
+serve: setup ## Serve the champion of the model params.yaml registers over REST on http://127.0.0.1:5001/invocations (MODEL=, SERVE_PORT=)
 	MLFLOW_TRACKING_URI=$(SERVE_STORE) mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
 	  --host 127.0.0.1 --port $(SERVE_PORT)
 
-predict: ## Classify the first test images with the trained model (predict --help for more)
+predict: setup ## Classify the first test images with the trained model (predict --help for more)
 	predict --index 0 1 2 3 4
 
 example-folder: setup ## Real example images: Fashion-MNIST PNGs in data/images/<class>/ (EXAMPLE_COUNT=300)
 	python scripts/make_example_folder.py --dest $(EXAMPLE_DEST) --count $(EXAMPLE_COUNT)
 
-tune: setup ## Hyperparameter search over tune.yaml (TRIALS=20 STUDY=default); prints the winner's dvc exp run
-	tune --trials $(TRIALS) --study $(STUDY)
+tune: $(if $(filter postgresql%,$(STORAGE)),setup-team,setup) ## Hyperparameter search over tune.yaml (TRIALS=20 STUDY=default STORAGE=); prints the winner's dvc exp run
+	tune --trials $(TRIALS) --study $(STUDY)$(if $(STORAGE), --storage $(STORAGE))
 
 pretrained: setup ## Download timm weights into ~/.cache/image-classifier (ARCH="timm:resnet18 timm:convnext_nano")
 	python scripts/fetch_pretrained.py $(ARCH)

@@ -48,7 +48,11 @@ def main() -> None:
             parity, [paths.ONNX_FILE, paths.MODEL_CONFIG, paths.EXPORT_METRICS], folder="export"
         )
         registered = tracking.log_and_register_model(
-            model, example, tracking.model_name(params.tracking, config["dataset"]), test_accuracy, config
+            model,
+            example,
+            tracking.model_name(params.tracking, config["dataset"], params.data.path),
+            test_accuracy,
+            config,
         )
     print(
         f"ONNX vs PyTorch on {parity['onnx_checked_images']} test images: max |logit diff| "

@@ -183,3 +183,25 @@ def register_case_count(config: pytest.Config) -> None:
     """Print the fault-case count in the terminal summary (called by each fault module's autouse fixture)."""
     if not config.pluginmanager.has_plugin("fault-case-count"):
         config.pluginmanager.register(_FaultCaseCount(), "fault-case-count")
+
+
+HOLD_HOOK = Path(__file__).resolve().parent / "hold"
+
+
+def hold_env(marker: Path, checkpoint: str = "*", epoch: int = 1) -> dict[str, str]:
+    """The environment that holds a training after its first checkpoint named like `checkpoint` (a glob) of epoch
+    `epoch` or later, until a signal ends it or the test deletes `marker`, which appears when it holds
+    (tests/hold/sitecustomize.py). Wait for the marker, then signal: no race with the training, however fast or
+    slow the machine."""
+    path = os.environ.get("PYTHONPATH")
+    return {
+        "PYTHONPATH": f"{HOLD_HOOK}{os.pathsep}{path}" if path else str(HOLD_HOOK),
+        "HOLD_MARKER": str(marker),
+        "HOLD_CHECKPOINT": checkpoint,
+        "HOLD_EPOCH": str(epoch),
+    }
+
+
+def held_epoch(marker: Path) -> int:
+    """The epoch of the checkpoint a training holds at."""
+    return int(marker.read_text())

@@ -602,7 +602,7 @@ def test_pipeline_on_a_folder_of_real_images(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlruns/mlflow.db'); "
-            "print(json.dumps(mlflow.models.get_model_info('models:/folder-classifier/1').metadata))",
+            "print(json.dumps(mlflow.models.get_model_info('models:/images-classifier/1').metadata))",
         ],
         cwd=repo,
     )

@@ -16,7 +16,9 @@ import pytest
 import torch
 from conftest import FASHION_DIR, copy_repo, default_params, run, write_params
 from fault_helpers import (
+    held_epoch,
     history_without_timings,
+    hold_env,
     kill_group,
     outputs_snapshot,
     register_case_count,
@@ -47,8 +49,8 @@ def _count_cases(request: pytest.FixtureRequest) -> None:
 def subset_params() -> dict:
     raw = default_params()
     raw["preprocess"].update(val_size=400, train_subset=6000)
-    # Several epochs of about a second on the CPU, fixed seed: resumable and bit-reproducible. Much shorter
-    # epochs let a run finish between the checkpoint the test waits for and the signal it then sends.
+    # Several epochs, fixed seed: resumable and bit-reproducible. The interrupted runs hold at a checkpoint until
+    # the test signals them (tests/hold), so the epochs' length does not matter.
     raw["train"].update(model="cnn", width=8, epochs=8, batch_size=100, lr=0.05, device="cpu", seed=0)
     return raw
 
@@ -98,46 +100,52 @@ class Checkpoint:
         return self.epoch
 
 
-def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict) -> None:
+def test_interrupted_training_resumes_to_bit_identical_weights(pipeline: dict, tmp_path: Path) -> None:
     repo, checkpoint = pipeline["repo"], Checkpoint(pipeline["repo"])
     before = store_runs(repo)
 
-    # Ctrl-C once epoch 1 is checkpointed: the stage stops with "interrupted", the checkpoint stays, and the
-    # MLflow run ends KILLED (issue 18).
-    job = start_command(["dvc", "repro", "train"], repo)
+    # Ctrl-C while the training holds after epoch 1's checkpoint: the stage stops with "interrupted", the
+    # checkpoint stays, and the MLflow run ends KILLED (issue 18).
+    marker = tmp_path / "held-1"
+    job = start_command(["dvc", "repro", "train"], repo, hold_env(marker, "train-*.pt", epoch=1))
     try:
-        wait_for(lambda: checkpoint() >= 1, job, 300, "epoch 1's checkpoint")
+        wait_for(marker.exists, job, 300, "epoch 1's checkpoint")
         signal_group(job, signal.SIGINT)
         output = job.communicate(timeout=120)[0].decode(errors="replace")
     finally:
         kill_group(job)
     assert job.returncode != 0 and "interrupted" in output, output[-2000:]
     interrupted = checkpoint()
-    assert interrupted >= 1
+    assert interrupted == held_epoch(marker) == 1
     (run_id,) = set(store_runs(repo)) - set(before)
     assert store_runs(repo)[run_id] == "KILLED" and run_tags(repo, run_id)["stage.train"] == "killed (Ctrl-C)"
 
-    # SIGKILL of the whole job once it has checkpointed one more epoch: nothing gets to clean up.
-    job = start_command(["dvc", "repro", "train"], repo)
+    # SIGKILL of the whole job while it holds after one more epoch's checkpoint: nothing gets to clean up.
+    marker = tmp_path / "held-2"
+    job = start_command(["dvc", "repro", "train"], repo, hold_env(marker, "train-*.pt", interrupted + 1))
     try:
-        wait_for(lambda: checkpoint() > interrupted, job, 300, "one more epoch's checkpoint")
+        wait_for(marker.exists, job, 300, "one more epoch's checkpoint")
         signal_group(job, signal.SIGKILL)
         job.wait(timeout=60)
     finally:
         kill_group(job)
     killed = checkpoint()
-    assert interrupted < killed < 8, (interrupted, killed)
+    assert killed == held_epoch(marker) == interrupted + 1 < 8, (interrupted, killed)
     assert store_runs(repo)[run_id] == "RUNNING", (
         "nothing runs at a SIGKILL: the resumed training continued the run"
     )
     model = repo / "models/model.pt"
     assert not model.exists() or state_dict_hash(model) == pipeline["weights"], "no partial model file"
 
-    # `dvc repro` resumes after the last checkpoint. While it runs the stage, a second `dvc repro` is refused by DVC's lock.
-    job = start_command(["dvc", "repro", "train"], repo)
+    # `dvc repro` resumes after the last checkpoint. While it holds one epoch on, a second `dvc repro` is refused
+    # by DVC's lock; then the test releases it (a training that ended first would let the second one in).
+    marker = tmp_path / "held-3"
+    job = start_command(["dvc", "repro", "train"], repo, hold_env(marker, "train-*.pt", killed + 1))
     try:
-        wait_for(lambda: holds_dvc_lock(repo, job.pid), job, 300, "the first dvc repro to lock the stage")
+        wait_for(marker.exists, job, 300, "the resumed training's next checkpoint")
+        assert holds_dvc_lock(repo, job.pid)
         second = run_command(["dvc", "repro"], repo, timeout=120)
+        marker.unlink()
         output = job.communicate(timeout=300)[0].decode(errors="replace")
     finally:
         kill_group(job)
@@ -265,7 +273,9 @@ def epoch_steps(repo: Path, run_id: str) -> list[int]:
     return [step for (step,) in rows]
 
 
-def test_sigterm_ends_the_run_killed_and_the_resumed_repro_finishes_it(pipeline: dict) -> None:
+def test_sigterm_ends_the_run_killed_and_the_resumed_repro_finishes_it(
+    pipeline: dict, tmp_path: Path
+) -> None:
     """Issue 18: SIGTERM (kill, scancel, Kubernetes) unwinds like Ctrl-C: the run ends KILLED, the checkpoint
     stays; the `dvc repro` that resumes continues the same run to FINISHED. (SIGKILL: the test above.)"""
     repo, checkpoint = pipeline["repo"], Checkpoint(pipeline["repo"])
@@ -274,9 +284,10 @@ def test_sigterm_ends_the_run_killed_and_the_resumed_repro_finishes_it(pipeline:
     write_params(repo, raw)
     before = store_runs(repo)
 
-    job = start_command(["dvc", "repro", "train"], repo)
+    marker = tmp_path / "held"
+    job = start_command(["dvc", "repro", "train"], repo, hold_env(marker, "train-*.pt", epoch=1))
     try:
-        wait_for(lambda: checkpoint() >= 1, job, 300, "epoch 1's checkpoint")
+        wait_for(marker.exists, job, 300, "epoch 1's checkpoint")
         signal_group(job, signal.SIGTERM)
         output = job.communicate(timeout=120)[0].decode(errors="replace")
     finally:
@@ -286,7 +297,7 @@ def test_sigterm_ends_the_run_killed_and_the_resumed_repro_finishes_it(pipeline:
     assert store_runs(repo)[run_id] == "KILLED"
     assert run_tags(repo, run_id)["stage.train"] == "killed (SIGTERM)"
     assert "RUNNING" not in store_runs(repo).values()
-    assert checkpoint() >= 1, "the checkpoint stays"
+    assert checkpoint() == 1, "the checkpoint stays"
     (record,) = (repo / "data/resume").glob("*.run.json")
     assert json.loads(record.read_text())["run_id"] == run_id
 

@@ -78,7 +78,7 @@ def test_fine_tune_from_a_local_file_through_every_stage(tmp_path: Path) -> None
     store = f"sqlite:///{repo}/mlruns/mlflow.db"
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)  # an earlier test in this process may have set another
-    model = mlflow.pyfunc.load_model("models:/folder-classifier@champion")
+    model = mlflow.pyfunc.load_model("models:/images-classifier@champion")
     logits = model.predict(np.random.default_rng(0).random((2, 3, 48, 48), dtype=np.float32))
     assert np.asarray(logits).shape == (2, 3)
 

@@ -56,7 +56,7 @@ NEEDS_SERVERS = [
         reason="needs the test extra: pip install -e '.[test]' (moto[server], Flask-WTF)",
     ),
 ]
-MODEL = "folder-classifier"
+MODEL = "images-classifier"  # registered under the name of the folder data.path names (images)
 EXPERIMENT = "image-classifier"
 ARTIFACTS = f"s3://{BUCKET}/mlflow"
 # Learning rates unlike the baseline's (0.05) and unlike the other queue's: DVC would skip or restore from its run

@@ -18,6 +18,7 @@ import torch
 from conftest import REPO, TINY_MODEL_CONFIG, default_params, write_params
 from mlflow import MlflowClient
 
+from image_classifier import params as params_module
 from image_classifier import tracking
 from image_classifier.data import Split
 from image_classifier.errors import UserError
@@ -255,3 +256,37 @@ def test_the_input_example_must_keep_the_batch_dynamic(store: Path) -> None:
         tracking.log_and_register_model(
             build_model(TINY_CONFIG), example_input(TINY_CONFIG, batch_size=1), "tiny-classifier", 0.5
         )
+
+
+@pytest.mark.parametrize(
+    ("data", "model_name", "expected"),
+    [
+        ({"dataset": "fashion-mnist"}, "", "fashion-mnist-classifier"),
+        ({"dataset": "folder", "path": "data/images"}, "", "images-classifier"),
+        ({"dataset": "folder", "path": "/srv/Pets Photos/labels.csv"}, "", "pets-photos-classifier"),
+        ({"dataset": "folder", "path": "data/images"}, "shoes", "shoes"),
+    ],
+)
+def test_the_registered_name_follows_the_data_set_or_the_folder_or_the_users_name(
+    data: dict, model_name: str, expected: str
+) -> None:
+    raw = default_params()
+    raw["data"].update(data)
+    raw["tracking"]["model_name"] = model_name
+    assert tracking.registered_name(params_module.from_dict(raw)) == expected
+
+
+def test_make_serve_serves_the_model_the_export_stage_registers(tmp_path: Path) -> None:
+    """The Makefile's MODEL comes from params.yaml through the function export names the model with."""
+    raw = default_params()
+    raw["data"].update(dataset="folder", path="data/holiday-photos")
+    write_params(tmp_path, raw)
+    venv = Path(sys.executable).parent.parent
+    dry_run = subprocess.run(
+        ["make", "-n", "-f", str(REPO / "Makefile"), "serve", f"VENV={venv}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert '-m "models:/holiday-photos-classifier@champion"' in dry_run

@@ -1,7 +1,6 @@
 """`tune`: the search space's checks, a study with pruning whose winner `dvc exp run` reproduces, two processes
 on one study, and Ctrl-C then resume. The studies run on a 2,000-image Fashion-MNIST subset, 3 epochs a trial."""
 
-import contextlib
 import json
 import os
 import signal
@@ -9,13 +8,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from conftest import FASHION_DIR, REPO, copy_repo, default_params, run, tiny_params_dict, write_params
+from fault_helpers import hold_env, kill_group, signal_group, start_command, wait_for
 from postgres_server import Postgres, postgres_bin
 
 from image_classifier.errors import UserError
@@ -88,25 +87,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-def tune(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return run([str(BIN / "tune"), *args], cwd=repo)
+def tune(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run([str(BIN / "tune"), *args], cwd=repo, env=env or {})
 
 
 def study_trials(repo: Path, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{repo}/mlruns/optuna.db").trials
-
-
-def trial_run_started(repo: Path, study: str, trial: int) -> bool:
-    """Whether trial `trial` of `study` has an MLflow run with its params logged (its training comes next)."""
-    with contextlib.closing(sqlite3.connect(repo / "mlruns/mlflow.db")) as db:
-        return (
-            db.execute(
-                "select count(*) from params where run_uuid in (select run_uuid from tags where key = 'tune.study' "
-                "and value = ? intersect select run_uuid from tags where key = 'tune.trial' and value = ?)",
-                (study, str(trial)),
-            ).fetchone()[0]
-            > 0
-        )
 
 
 def mlflow_runs(repo: Path, study: str) -> list[dict]:
@@ -130,8 +116,9 @@ def mlflow_runs(repo: Path, study: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_study_prunes_logs_each_trial_and_its_winner_reproduces(repo: Path) -> None:
-    output = tune(repo, "--trials", "4", "--seed", "0", "--study", "s").stdout
+def test_a_study_prunes_logs_each_trial_and_its_winner_reproduces(repo: Path, tmp_path: Path) -> None:
+    output = tune(repo, "--trials", "4", "--seed", "0", "--study", "s", env={"TMPDIR": str(tmp_path)}).stdout
+    assert not list(tmp_path.glob("tune-*")), "the study's scratch folder (its checkpoints) is removed"
     trials = study_trials(repo, "s")
     states = [trial.state.name for trial in trials]
     assert len(trials) == 4 and "PRUNED" in states and "COMPLETE" in states
@@ -214,42 +201,36 @@ def test_two_processes_share_one_postgresql_study(repo: Path, postgres_storage: 
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_finished_trials_and_tune_resumes_the_study(repo: Path) -> None:
-    # Trials of 40 epochs (seconds each) give the interruption a trial to land in.
-    (repo / "stopped.yaml").write_text(
-        "train.lr: {low: 0.05, high: 0.2, log: true}\ntrain.epochs: {choices: [40]}\n"
-    )
-    process = subprocess.Popen(
-        [str(BIN / "tune"), "--trials", "3", "--study", "stopped", "--space", "stopped.yaml"],
-        cwd=repo,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # a trial takes seconds: look often
-        time.sleep(0.05)
-        # Trial 1's MLflow run with its params: trial 0 is over and trial 1's training starts (40 epochs take
-        # seconds). Only MLflow's store is read: a second Optuna client would race tune to create its tables.
-        try:
-            if trial_run_started(repo, "stopped", 1):
-                time.sleep(0.5)
-                break
-        except sqlite3.OperationalError:  # MLflow's tables are not created yet
-            continue
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-2000:]
+def test_ctrl_c_keeps_finished_trials_and_tune_resumes_the_study(repo: Path, tmp_path: Path) -> None:
+    # Trial 1 holds after its first epoch's checkpoint until the Ctrl-C (tests/hold): the signal lands inside it
+    # on any machine. No trial can be pruned before it: pruning starts once two trials have completed.
+    scratch, marker = tmp_path / "tmp", tmp_path / "held"
+    scratch.mkdir()
+    command = [str(BIN / "tune"), "--trials", "3", "--study", "stopped"]
+    job = start_command(command, repo, {**hold_env(marker, "trial-1.pt"), "TMPDIR": str(scratch)})
+    try:
+        wait_for(marker.exists, job, 600, "trial 1's first checkpoint")
+        held = [path.name for path in scratch.glob("tune-*/*")]
+        assert held == ["trial-1.pt"], (
+            "the running trial's checkpoint, in the scratch folder; trial 0's is gone"
+        )
+        signal_group(job, signal.SIGINT)
+        output = job.communicate(timeout=120)[0].decode(errors="replace")
+    finally:
+        kill_group(job)
+    assert job.returncode == 130, output[-2000:]
+    assert not list(scratch.glob("tune-*")), "the interrupted study's scratch folder is removed"
     states = [trial.state.name for trial in study_trials(repo, "stopped")]
-    assert states[0] in ("COMPLETE", "PRUNED") and states[1] == "FAIL"
+    assert states == ["COMPLETE", "FAIL"]
     interrupted = [r for r in mlflow_runs(repo, "stopped") if r["tags"].get("tune.trial") == "1"]
     assert [r["status"] for r in interrupted] == ["KILLED"]
     parent = [r for r in mlflow_runs(repo, "stopped") if "mlflow.parentRunId" not in r["tags"]]
     assert [r["status"] for r in parent] == ["KILLED"]  # honest: interrupted, not failed and not running
 
-    tune(repo, "--trials", "1", "--study", "stopped", "--space", "stopped.yaml")
+    tune(repo, "--trials", "1", "--study", "stopped", env={"TMPDIR": str(scratch)})
+    assert not list(scratch.glob("tune-*")), "a finished study's scratch folder is removed"
     assert {r["status"] for r in mlflow_runs(repo, "stopped") if "mlflow.parentRunId" not in r["tags"]} == {
         "FINISHED"
     }
     trials = study_trials(repo, "stopped")
-    assert [trial.number for trial in trials] == [0, 1, 2] and trials[2].state.name in ("COMPLETE", "PRUNED")
+    assert [trial.number for trial in trials] == [0, 1, 2] and trials[2].state.name == "COMPLETE"

@@ -31,7 +31,7 @@ from image_classifier import run_states
 from image_classifier.data import Split
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_path
-from image_classifier.params import TrackingParams
+from image_classifier.params import Params, TrackingParams
 
 STORE_DIR = "mlruns"
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -63,8 +63,23 @@ def tracking_uri(params: TrackingParams) -> str:
     return uri
 
 
-def model_name(params: TrackingParams, dataset: str) -> str:
-    return params.model_name or f"{dataset}-classifier"
+def model_name(params: TrackingParams, dataset: str, data_path: str = "") -> str:
+    """The registered model's name: tracking.model_name, else `<dataset>-classifier`. A folder of your own images
+    (a CSV: the folder it sits in) names it, `<folder>-classifier`: two folders' models in one store must not
+    become versions of one model, competing for its champion alias."""
+    if params.model_name:
+        return params.model_name
+    if dataset == "folder" and data_path:
+        path = Path(data_path)
+        folder = path.parent if path.suffix.lower() == ".csv" else path
+        # Lower case, and nothing that a models:/<name>@alias URI or a shell would read as syntax.
+        dataset = re.sub(r"[^a-z0-9._-]+", "-", folder.name.lower()).strip("-._") or dataset
+    return f"{dataset}-classifier"
+
+
+def registered_name(params: Params) -> str:
+    """What the export stage registers under `params`, and what `make serve` serves."""
+    return model_name(params.tracking, params.data.dataset, params.data.path)
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -102,9 +102,12 @@ def run(args: argparse.Namespace) -> None:
     from image_classifier.tune_trial import Trials
 
     tracking.connect(base_params.tracking)
-    trials = Trials(base, space, args.study)
-    with mlflow.start_run(
-        run_id=parent_run(study, args.study, Path(args.space), base_params.tracking.experiment)
+    # Trials removes its scratch folder (the trials' checkpoints) however the study ends.
+    with (
+        Trials(base, space, args.study) as trials,
+        mlflow.start_run(
+            run_id=parent_run(study, args.study, Path(args.space), base_params.tracking.experiment)
+        ),
     ):
         started, status = time.perf_counter(), "FAILED"
         try:

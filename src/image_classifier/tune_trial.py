@@ -1,9 +1,11 @@
 """One `tune` trial: its params, a training run with the library's loop, an MLflow child run, pruning by epoch."""
 
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import mlflow
@@ -22,7 +24,10 @@ from image_classifier.train import train
 
 
 class Trials:
-    """The objective Optuna calls: the processed splits are read once and every trial trains on them."""
+    """The objective Optuna calls: the processed splits are read once and every trial trains on them.
+
+    A context manager: the scratch folder of the trials' checkpoints goes when the study ends, is interrupted or
+    fails (a checkpoint is only useful while its trial runs: Optuna never resumes a trial)."""
 
     def __init__(self, base: dict[str, Any], space: dict[str, Dimension], study: str) -> None:
         self.base, self.space, self.study = base, space, study
@@ -37,6 +42,14 @@ class Trials:
         set_threads(params.train.threads, 1)
         self.device = pick_device(params.train.device)
         self.scratch = Path(tempfile.mkdtemp(prefix="tune-"))
+
+    def __enter__(self) -> "Trials":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def objective(self, trial: optuna.Trial) -> float:
         values = suggest(trial, self.space)
@@ -60,6 +73,7 @@ class Trials:
                 raise optuna.TrialPruned(f"pruned after epoch {int(stats['epoch'])}")
 
         status, state = "FAILED", "FAIL"
+        checkpoint = self.scratch / f"trial-{trial.number}.pt"
         try:
             result = train(
                 params.train,
@@ -67,7 +81,7 @@ class Trials:
                 train_split,
                 val_split,
                 self.device,
-                self.scratch / f"trial-{trial.number}.pt",
+                checkpoint,
                 on_epoch=report,
                 pretrained=pretrained,
             )
@@ -79,6 +93,7 @@ class Trials:
             status = "KILLED"
             raise
         finally:
+            checkpoint.unlink(missing_ok=True)  # a long study would otherwise keep one per trial
             mlflow.set_tag("tune.state", state)
             mlflow.log_metric("trial_seconds", time.perf_counter() - started)
             mlflow.end_run(status)
