@@ -24,7 +24,7 @@ from pathlib import Path
 
 import data_scale
 import small_sets
-from repository import REPO, copy_repository
+from repository import REPO, command_timer, copy_repository
 
 THRESHOLDS = (0.90, 0.91, 0.92)
 
@@ -277,12 +277,7 @@ def small_folder_pipeline(device_name: str, count: int = 200) -> dict:
     process alone (start-up included) on the same data."""
     with tempfile.TemporaryDirectory() as scratch:
         repo = copy_repository(Path(scratch) / "repo")
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-
-        def command(*args: str) -> float:
-            started = time.perf_counter()
-            subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
-            return time.perf_counter() - started
+        command = command_timer(repo)
 
         command("git", "init", "-q")
         command("dvc", "init", "-q", "-f")

@@ -1,6 +1,10 @@
 """The benchmarks' fresh copies of this repository, so a run never touches the working tree's outputs."""
 
+import os
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -14,3 +18,16 @@ def copy_repository(repo: Path) -> Path:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             (repo / name).write_bytes((REPO / name).read_bytes())
     return repo
+
+
+def command_timer(repo: Path) -> Callable[..., float]:
+    """A function that runs a command in `repo`, with this interpreter's environment first on PATH (as `make`
+    puts it), and returns its wall time in seconds; a command that fails raises with its output captured."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def run(*args: str) -> float:
+        started = time.perf_counter()
+        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+        return time.perf_counter() - started
+
+    return run

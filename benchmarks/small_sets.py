@@ -10,14 +10,12 @@ pipeline stored (the training split; tested on the test split): accuracy and wal
 """
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from repository import REPO, copy_repository
+from repository import REPO, command_timer, copy_repository
 
 # Each set: the arguments of scripts/make_example_folder.py that build it.
 SETS = {
@@ -32,12 +30,7 @@ def pipeline_and_baseline(name: str, device: str) -> dict:
     """The whole `dvc exp run` of the defaults on the set `name`, then the classical baselines on its splits."""
     with tempfile.TemporaryDirectory() as scratch:
         repo = copy_repository(Path(scratch) / "repo")
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-
-        def run(*args: str) -> float:
-            started = time.perf_counter()
-            subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
-            return time.perf_counter() - started
+        run = command_timer(repo)
 
         images = Path(scratch) / "images"  # outside the repository, as a user's folder would be
         sources = ["--source", str(REPO / "data/raw"), "--source", "/usr/share/datasets/fashion-mnist"]
