@@ -36,7 +36,7 @@ EXAMPLE_DEST ?= data/images
 EXAMPLE_COUNT ?= 300
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-team setup-test repro test test-fast lint format bench bench-timm ui team-server serve predict example-folder tune pretrained clean
+.PHONY: help setup setup-team setup-test repro test test-fast lint format bench bench-predict bench-timm ui team-server serve predict example-folder tune pretrained clean
 
 help: ## List the common commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -62,8 +62,12 @@ lint: setup-test ## Check style with ruff
 format: setup-test ## Reformat the code with ruff
 	ruff format . && ruff check --fix .
 
-bench: setup ## Measure speed against the PyTorch quickstart; prints a markdown table
+bench: setup ## Measure speed against the PyTorch quickstart, then predict's throughput; prints markdown tables
 	python benchmarks/bench.py
+	python benchmarks/bench_predict.py
+
+bench-predict: setup ## predict's images per second: PyTorch against ONNX Runtime, decoding apart and included
+	python benchmarks/bench_predict.py
 
 bench-timm: setup ## timm:resnet18: our loop against timm's train.py (TIMM_TRAIN=path/to/train.py), a fine-tune
 	python benchmarks/bench_timm.py $(if $(TIMM_TRAIN),--timm-train $(TIMM_TRAIN))
