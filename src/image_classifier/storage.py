@@ -17,8 +17,7 @@ preprocess never leaves a partial shard under an output's name.
 
 import math
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,24 +78,6 @@ def read_split(folder: Path) -> tuple["MappedImages", torch.Tensor]:
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images in its shards but {len(labels)} labels")
     return images, torch.from_numpy(labels)
-
-
-def split_files(folder: Path) -> list[Path]:
-    """Every file of a stored split, in a fixed order (for fingerprints)."""
-    return sorted(path for path in Path(folder).iterdir() if path.is_file())
-
-
-@contextmanager
-def scratch_folder(beside: Path) -> Iterator[Path]:
-    """An empty folder `.<name>.scratch` beside `beside` for the duration of the block. Its name is fixed so
-    that what a killed run left there is removed by the next."""
-    path = Path(beside).with_name(f".{Path(beside).name}.scratch")
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _numpy(images: Any) -> np.ndarray:
