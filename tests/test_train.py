@@ -14,7 +14,8 @@ from image_classifier.errors import UserError
 from image_classifier.models import CNN_LAYOUT, QuickstartMLP, build_model, model_config
 from image_classifier.optim import class_weights, make_ema
 from image_classifier.plan import MAX_AUTO_EPOCHS, batch_starts, plan_training
-from image_classifier.train import Selection, resume_path, train
+from image_classifier.train import train
+from image_classifier.train_state import Selection, resume_path
 
 
 def make_split(size: int, seed: int) -> Split:

@@ -20,7 +20,8 @@ from image_classifier.errors import UserError
 from image_classifier.export import example_input, save_model
 from image_classifier.models import CNN_LAYOUT, build_model
 from image_classifier.params import TrackingParams
-from image_classifier.train import resume_path, train
+from image_classifier.train import train
+from image_classifier.train_state import resume_path
 from image_classifier.warm_start import load_initial_weights, resolve
 
 CONFIG = TINY_MODEL_CONFIG

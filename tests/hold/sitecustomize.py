@@ -3,9 +3,9 @@
 A test that interrupts a training must not race it: a poll against the clock loses on a faster machine (the
 training ends first) or a slower one. With this folder first on PYTHONPATH and HOLD_MARKER set (see
 `fault_helpers.hold_env`), Python imports this file at start-up, as it does any `sitecustomize`. In a process that
-imports `image_classifier.train` (a stage under `dvc repro`, `tune`) it then
+imports `image_classifier.train_state` (a stage under `dvc repro`, `tune`) it then
 
-- makes `train()` write its resumable checkpoint after every epoch (CHECKPOINT_SECONDS = 0), so the epoch held
+- makes training write its resumable checkpoint after every epoch (CHECKPOINT_SECONDS = 0), so the epoch held
   at does not depend on the machine's speed, and
 - after the first checkpoint whose file name matches HOLD_CHECKPOINT (a glob; default `*`) and whose epoch is at
   least HOLD_EPOCH (default 1), creates HOLD_MARKER (its text: that epoch) and sleeps until a signal ends the
@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-TARGET = "image_classifier.train"
+TARGET = "image_classifier.train_state"
 
 
 def _patch(module: ModuleType) -> None:
