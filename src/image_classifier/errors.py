@@ -52,3 +52,12 @@ def load_failure(error: BaseException) -> str:
     if "PytorchStreamReader" in text or isinstance(error, EOFError):
         return "truncated or damaged (not a complete torch.save file)"
     return f"{type(error).__name__}: {' '.join(text.split())[:160]}"
+
+
+def warn_each(header: str, lines: list[str], limit: int, more: str = "") -> None:
+    """`header`, then the first `limit` of `lines` on stderr, then how many more (and `more`, where they are)."""
+    print(header, file=sys.stderr)
+    for line in lines[:limit]:
+        print(f"  {line}", file=sys.stderr)
+    if len(lines) > limit:
+        print(f"  ... and {len(lines) - limit} more{more}", file=sys.stderr)

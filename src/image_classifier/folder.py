@@ -16,14 +16,13 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, warn_each
 from image_classifier.files import replace_dir
 
 if TYPE_CHECKING:  # fetch only copies files: it starts without torch and torchvision
@@ -361,8 +360,5 @@ def decode_folder(
 def warn_undecodable(failures: list[str], total: int) -> None:
     if not failures:
         return
-    print(f"warning: skipped {len(failures)} of {total} images that cannot be decoded:", file=sys.stderr)
-    for line in failures[:MAX_NAMED]:
-        print(f"  {line}", file=sys.stderr)
-    if len(failures) > MAX_NAMED:
-        print(f"  ... and {len(failures) - MAX_NAMED} more", file=sys.stderr)
+    header = f"warning: skipped {len(failures)} of {total} images that cannot be decoded:"
+    warn_each(header, failures, MAX_NAMED)

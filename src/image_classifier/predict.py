@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from image_classifier import paths
 from image_classifier.batch_predict import Decoded, Row, classify, decode_iter
-from image_classifier.errors import UserError, run_cli
+from image_classifier.errors import UserError, run_cli, warn_each
 from image_classifier.image_files import find_inputs
 from image_classifier.images import read_image
 from image_classifier.prediction_files import check_output, prediction_writer
@@ -165,12 +165,9 @@ def _report(failed: list[Row], total: int, out: Path | None, source: str) -> Non
         print(f"{total - len(failed)} of {total} images classified by {source} into {out}", file=sys.stderr)
     if not failed:
         return
-    print(f"{len(failed)} of {total} files could not be read:", file=sys.stderr)
-    for row in failed[:MAX_LISTED]:
-        print(f"  {row.name}: {row.error}", file=sys.stderr)
-    if len(failed) > MAX_LISTED:
-        where = f" (all are in {out}, column error)" if out else ""
-        print(f"  ... and {len(failed) - MAX_LISTED} more{where}", file=sys.stderr)
+    where = f" (all are in {out}, column error)" if out else ""
+    lines = [f"{row.name}: {row.error}" for row in failed]
+    warn_each(f"{len(failed)} of {total} files could not be read:", lines, MAX_LISTED, where)
     sys.exit(1)
 
 
