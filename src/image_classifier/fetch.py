@@ -29,6 +29,7 @@ from tqdm import tqdm
 from image_classifier import archive
 from image_classifier.datasets import CIFAR_MEMBERS, CIFAR_REQUIRED, DatasetSpec, RemoteFile
 from image_classifier.errors import UserError
+from image_classifier.files import file_digest
 
 _CHUNK = 1 << 20
 _TEMP_SUFFIX = ".part"
@@ -217,9 +218,7 @@ def _is_valid(path: Path, remote: RemoteFile) -> bool:
         return False
     if not path.is_file() or path.stat().st_size != remote.size:
         return False
-    with path.open("rb") as file:
-        digest = hashlib.file_digest(file, "sha256" if remote.sha256 else "md5")
-    return digest.hexdigest() == (remote.sha256 or remote.md5)
+    return file_digest(path, "sha256" if remote.sha256 else "md5") == (remote.sha256 or remote.md5)
 
 
 def _reason(error: BaseException) -> str:

@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from image_classifier import run_states
 from image_classifier.data import Split
 from image_classifier.errors import UserError
-from image_classifier.files import atomic_path
+from image_classifier.files import atomic_path, file_digest
 from image_classifier.params import Params, TrackingParams
 
 STORE_DIR = "mlruns"
@@ -209,17 +209,18 @@ def uncommitted_diff() -> str:
     return _git("diff", "HEAD", "--no-color", "--no-ext-diff", *_source_pathspec())
 
 
-def file_md5(path: Path) -> str:
+def dvc_md5(path: Path) -> str:
     """The md5 DVC records for a file or a folder in dvc.lock, so a tag points at the exact cached object. A
     folder's is DVC's: the md5 of the JSON list of its files' md5s and paths, sorted by path, plus ".dir"."""
     path = Path(path)
-    if path.is_dir():
-        files = sorted(file for file in path.rglob("*") if file.is_file())
-        entries = [{"md5": file_md5(file), "relpath": file.relative_to(path).as_posix()} for file in files]
-        listing = json.dumps(sorted(entries, key=lambda entry: entry["relpath"]), sort_keys=True)
-        return hashlib.md5(listing.encode(), usedforsecurity=False).hexdigest() + ".dir"
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "md5").hexdigest()
+    if not path.is_dir():
+        return file_digest(path, "md5")
+    files = sorted(file for file in path.rglob("*") if file.is_file())
+    entries = [
+        {"md5": file_digest(file, "md5"), "relpath": file.relative_to(path).as_posix()} for file in files
+    ]
+    listing = json.dumps(sorted(entries, key=lambda entry: entry["relpath"]), sort_keys=True)
+    return hashlib.md5(listing.encode(), usedforsecurity=False).hexdigest() + ".dir"
 
 
 def source_tags(data_files: dict[str, Path], device: str) -> dict[str, str]:
@@ -242,7 +243,7 @@ def source_tags(data_files: dict[str, Path], device: str) -> dict[str, str]:
         "reproduce": reproduce,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
-    tags.update({f"data.{name}.md5": file_md5(path) for name, path in data_files.items()})
+    tags.update({f"data.{name}.md5": dvc_md5(path) for name, path in data_files.items()})
     if experiment:
         tags["dvc.experiment"] = experiment
         if os.environ.get("DVC_EXP_BASELINE_REV"):
