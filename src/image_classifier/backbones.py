@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from image_classifier import paths, weight_layouts
-from image_classifier.errors import UserError, load_failure
+from image_classifier.errors import UserError, load_failure, one_line
 from image_classifier.files import file_digest
 
 PREFIX = "timm:"
@@ -336,7 +336,7 @@ def _from_url(url: str, cfg: dict[str, Any] | None = None) -> Weights:
         try:
             torch.hub.download_url_to_file(url, str(file), hash_prefix=expected, progress=True)
         except RuntimeError as error:  # torch.hub's hash check; the partial download is already deleted
-            raise UserError(f"train.pretrained: {url} is corrupted: {' '.join(str(error).split())}") from None
+            raise UserError(f"train.pretrained: {url} is corrupted: {one_line(error, limit=None)}") from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", None) or error
             status = f"HTTP {error.code} " if isinstance(error, urllib.error.HTTPError) else ""

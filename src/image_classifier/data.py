@@ -24,7 +24,7 @@ from image_classifier.datasets import (
     CIFAR_TRAIN_BATCHES,
     DatasetSpec,
 )
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, one_line
 from image_classifier.files import atomic_path
 from image_classifier.storage import CHUNK_BYTES, MappedImages, read_split, write_split
 
@@ -81,8 +81,7 @@ class Meta:
                 f"{path} is missing; run the preprocess stage first (dvc repro preprocess)"
             ) from None
         except (OSError, ValueError, TypeError) as error:  # unreadable, not JSON, or other keys
-            reason = " ".join(str(error).split())[:160]
-            raise UserError(f"{path} is damaged ({reason}); {_REBUILD}") from None
+            raise UserError(f"{path} is damaged ({one_line(error)}); {_REBUILD}") from None
 
 
 def decode_idx(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
@@ -270,8 +269,7 @@ def load_split(folder: Path) -> Split:
     try:
         return Split(*read_split(folder))
     except (OSError, ValueError, EOFError) as error:  # truncated, refused pickle, wrong dtype, shards missing
-        reason = " ".join(str(error).split())[:160] or type(error).__name__
-        raise UserError(f"{folder} cannot be loaded: {reason}; {_REBUILD}") from None
+        raise UserError(f"{folder} cannot be loaded: {one_line(error)}; {_REBUILD}") from None
 
 
 def decode(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:

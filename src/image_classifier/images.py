@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, one_line
 
 # Refuse images that would decode to more than this many pixels (a decompression bomb exhausts memory).
 MAX_PIXELS = 40_000_000
@@ -68,7 +68,7 @@ def decode_rgb_array(path: Path, at_least: int | None = None) -> np.ndarray:
         ValueError,
         Image.DecompressionBombError,
     ) as error:  # damage shows in decoding
-        raise UserError(f"{path}: image data is corrupt or truncated ({_reason(error)})") from None
+        raise UserError(f"{path}: image data is corrupt or truncated ({_decoder_failure(error)})") from None
 
 
 def fit_array(rgb: np.ndarray, channels: int | Literal["auto"], size: tuple[int, int]) -> np.ndarray:
@@ -150,7 +150,9 @@ class _opened:
         except Image.DecompressionBombError:
             raise UserError(self._too_large()) from None
         except (OSError, SyntaxError) as error:
-            raise UserError(f"{path}: image data is corrupt or truncated ({_reason(error)})") from None
+            raise UserError(
+                f"{path}: image data is corrupt or truncated ({_decoder_failure(error)})"
+            ) from None
         if self.image.width * self.image.height > MAX_PIXELS:
             self.image.close()
             raise UserError(self._too_large())
@@ -163,7 +165,6 @@ class _opened:
         return f"{self.path}: image is too large (over {MAX_PIXELS:,} pixels); refusing to decode it"
 
 
-def _reason(error: BaseException) -> str:
-    """A decoder's message in a few words."""
-    text = re.sub(r"^.*?\.cpp:\d+, ", "", " ".join(str(error).split()))
-    return text[:160] or type(error).__name__
+def _decoder_failure(error: BaseException) -> str:
+    """A decoder's message in a few words, without the C++ source location some decoders begin it with."""
+    return re.sub(r"^.*?\.cpp:\d+, ", "", one_line(error, limit=None))[:160]

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from image_classifier import run_states
 from image_classifier.data import Split
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, one_line
 from image_classifier.files import atomic_path, file_digest
 from image_classifier.params import Params, TrackingParams
 
@@ -129,9 +129,9 @@ def quick_requests() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _short_reason(error: Exception) -> str:
+def request_failure(error: Exception) -> str:
     """The cause of a failed request in a few words ('[Errno 111] Connection refused'), else the message."""
-    text = " ".join(str(error).split())
+    text = one_line(error, limit=None)
     for pattern in (r"\[Errno -?\d+\][^'\")]*", r"[Rr]ead timed out", r"timed out", r"error code \d+[^.]*"):
         match = re.search(pattern, text)
         if match:
@@ -155,7 +155,7 @@ def connect(params: TrackingParams) -> str:
             _use_experiment(params.experiment, database)
     except (MlflowException, OSError, sqlite3.Error) as error:
         raise UserError(
-            f"cannot use the MLflow tracking store {display_uri(uri)} ({_short_reason(error)}); "
+            f"cannot use the MLflow tracking store {display_uri(uri)} ({request_failure(error)}); "
             + _remedy(error)
         ) from None
     return uri
@@ -535,7 +535,7 @@ def download_registered_weights(uri: str, params: TrackingParams, folder: Path) 
                     )
     except (MlflowException, OSError) as error:
         raise UserError(
-            f"train.init_from: cannot use the MLflow store {store} ({_short_reason(error)})"
+            f"train.init_from: cannot use the MLflow store {store} ({request_failure(error)})"
         ) from None
     try:
         path = mlflow.artifacts.download_artifacts(
