@@ -46,10 +46,11 @@ def our_train(
     import yaml
 
     from image_classifier import params as params_module
-    from image_classifier.data import channel_stats, decode_idx, stratified_indices
+    from image_classifier.data import channel_stats, stratified_indices
     from image_classifier.datasets import get_dataset
     from image_classifier.device import set_threads
     from image_classifier.models import model_config, predict_logits
+    from image_classifier.raw_formats import decode_idx
     from image_classifier.train import train
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -106,8 +107,8 @@ def bare_recipe(device_name: str) -> dict:
     test pass). No loop that trains this recipe can be faster: it bounds the recipe rows' ratio."""
     import torch
 
-    from image_classifier.data import decode_idx
     from image_classifier.datasets import get_dataset
+    from image_classifier.raw_formats import decode_idx
 
     splits = decode_idx(REPO / "data/raw", get_dataset("fashion-mnist"))
     device = torch.device(device_name)
@@ -131,8 +132,9 @@ def bare_recipe(device_name: str) -> dict:
 def preprocess_all() -> dict:
     """The preprocess stage's library call on all 70,000 images, without interpreter start-up."""
     from image_classifier import params as params_module
-    from image_classifier.data import decode, preprocess
+    from image_classifier.data import preprocess
     from image_classifier.datasets import get_dataset
+    from image_classifier.raw_formats import decode
 
     params = params_module.load(REPO / "params.yaml")
     spec = get_dataset(params.data.dataset)

@@ -71,8 +71,8 @@ def plain_train_params(overrides: dict) -> SimpleNamespace:
 
 def gpu_data(raw_dir: Path, limit: int) -> tuple:
     """Fashion-MNIST's spec and its train and test splits decoded from the four IDX files in `raw_dir`."""
-    from image_classifier.data import decode_idx
     from image_classifier.datasets import get_dataset
+    from image_classifier.raw_formats import decode_idx
 
     spec = get_dataset("fashion-mnist", REPO / "datasets.yaml")
     splits = decode_idx(raw_dir, spec)

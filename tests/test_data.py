@@ -14,8 +14,6 @@ from image_classifier.data import (
     Split,
     channel_stats,
     class_by_class,
-    decode,
-    decode_idx,
     load_split,
     preprocess,
     save_split,
@@ -25,6 +23,7 @@ from image_classifier.data import (
 )
 from image_classifier.errors import UserError
 from image_classifier.fetch import fetch_dataset
+from image_classifier.raw_formats import decode, decode_idx
 
 
 @pytest.fixture
