@@ -45,11 +45,6 @@ def read_array(path: Path, channels: int | Literal["auto"], size: tuple[int, int
     return fit_array(decode_rgb_array(path, max(size)), channels, size)
 
 
-def decode_rgb(path: Path) -> torch.Tensor:
-    """The file's pixels as uint8 3×H×W RGB at full size, upright, transparent areas white."""
-    return torch.from_numpy(np.ascontiguousarray(decode_rgb_array(path).transpose(2, 0, 1)))
-
-
 def decode_rgb_array(path: Path, at_least: int | None = None) -> np.ndarray:
     """The file's pixels as uint8 H×W×3 RGB, upright, transparent areas white; a JPEG whose sides are both at
     least twice `at_least` comes at a reduced scale whose sides stay at least `at_least`."""
@@ -81,16 +76,9 @@ def fit_array(rgb: np.ndarray, channels: int | Literal["auto"], size: tuple[int,
     return np.ascontiguousarray(_resize(rgb, (width, height)).transpose(2, 0, 1))
 
 
-def fit_image(rgb: torch.Tensor, channels: int | Literal["auto"], size: tuple[int, int]) -> torch.Tensor:
-    """`fit_array` for a uint8 3×H×W tensor."""
-    return torch.from_numpy(fit_array(np.ascontiguousarray(rgb.numpy().transpose(1, 2, 0)), channels, size))
-
-
-def is_grey(rgb: np.ndarray | torch.Tensor) -> bool:
-    """True when no pixel's red, green and blue differ by more than GREY_TOLERANCE: a grey photo saved as RGB
-    is grey too. Takes H×W×3 arrays, or 3×H×W tensors."""
-    if isinstance(rgb, torch.Tensor):
-        return bool((rgb.amax(0) - rgb.amin(0)).max() <= GREY_TOLERANCE)
+def is_grey(rgb: np.ndarray) -> bool:
+    """True when no pixel's red, green and blue (H×W×3) differ by more than GREY_TOLERANCE: a grey photo saved
+    as RGB is grey too."""
     return bool((rgb.max(2) - rgb.min(2)).max() <= GREY_TOLERANCE)
 
 
