@@ -132,8 +132,8 @@ def bare_recipe(device_name: str) -> dict:
 def preprocess_all() -> dict:
     """The preprocess stage's library call on all 70,000 images, without interpreter start-up."""
     from image_classifier import params as params_module
-    from image_classifier.data import preprocess
     from image_classifier.datasets import get_dataset
+    from image_classifier.preprocess import preprocess
     from image_classifier.raw_formats import decode
 
     params = params_module.load(REPO / "params.yaml")
