@@ -15,8 +15,6 @@ Needs the fetched data (data/raw, from `dvc repro fetch`) and, for the no-op rep
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,123 +22,19 @@ from pathlib import Path
 
 import data_scale
 import small_sets
+from common import (
+    QUICKSTART_RECIPE,
+    ValidationProbe,
+    quickstart_model,
+    quickstart_tutorial,
+    run_child,
+    table_header,
+    table_row,
+    train_flags,
+)
 from repository import REPO, command_timer, copy_repository
 
 THRESHOLDS = (0.90, 0.91, 0.92)
-
-
-def quickstart_model(device) -> tuple:
-    """The quickstart's model (seeded), loss and optimiser, as its tutorial writes them."""
-    import torch
-    from torch import nn
-
-    from image_classifier.models import QuickstartMLP
-
-    torch.manual_seed(0)
-    model = QuickstartMLP((1, 28, 28), 10).to(device)
-    return model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=1e-3)
-
-
-def quickstart_tutorial(device_name: str, raw_dir: Path = REPO / "data/raw", limit: int = 0) -> dict:
-    """The "Learn the Basics" quickstart, as written: torchvision dataset, ToTensor, DataLoader(batch_size=64).
-    With `limit`, on the same stratified subsets as the GPU mode's other rows (limited())."""
-    import torch
-    from torch.utils.data import DataLoader, Subset
-    from torchvision import datasets
-    from torchvision.transforms import ToTensor
-
-    root = Path(tempfile.mkdtemp()) / "FashionMNIST" / "raw"
-    root.mkdir(parents=True)
-    # torchvision reads the decompressed IDX files from <root>/raw
-    for file in Path(raw_dir).resolve().iterdir():
-        (root / file.name).symlink_to(file)
-    training_data = datasets.FashionMNIST(
-        root=root.parent.parent, train=True, download=False, transform=ToTensor()
-    )
-    test_data = datasets.FashionMNIST(
-        root=root.parent.parent, train=False, download=False, transform=ToTensor()
-    )
-    if limit:
-        training_data = Subset(training_data, limited(training_data.targets, limit).tolist())
-        test_data = Subset(test_data, limited(test_data.targets, limit).tolist())
-    train_dataloader = DataLoader(training_data, batch_size=64)
-    test_dataloader = DataLoader(test_data, batch_size=64)
-    device = torch.device(device_name)
-    model, loss_fn, optimizer = quickstart_model(device)
-    started = time.perf_counter()
-    for _ in range(5):
-        model.train()
-        for images, labels in train_dataloader:
-            images, labels = images.to(device), labels.to(device)
-            loss = loss_fn(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        model.eval()
-        correct = 0
-        with torch.no_grad():
-            for images, labels in test_dataloader:
-                images, labels = images.to(device), labels.to(device)
-                correct += (model(images).argmax(1) == labels).sum().item()
-    return {"seconds": time.perf_counter() - started, "test_accuracy": correct / len(test_data)}
-
-
-class StopTraining(Exception):
-    """Raised by a ValidationProbe to end a run early: its target reached, or its time spent."""
-
-
-class ValidationProbe:
-    """Validation accuracy every few optimiser steps, with the clock stopped while it measures, so "seconds
-    until 91%" is training time only and not rounded up to the end of an epoch. The GPU mode feeds it the test
-    split, probes every `every` steps when given, and stops the run (StopTraining) once accuracy reaches
-    `stop_at` or training time passes `stop_after` seconds."""
-
-    def __init__(
-        self,
-        images,
-        labels,
-        device,
-        every: int | None = None,
-        stop_at: float | None = None,
-        stop_after: float | None = None,
-    ) -> None:
-        self.images, self.labels, self.device = images.to(device), labels.to(device), device
-        self.every, self.stop_at, self.stop_after = every, stop_at, stop_after
-        self.started = time.perf_counter()
-        self.paused = 0.0
-        self.points: list[tuple[float, int, float]] = []  # (training seconds, step, validation accuracy)
-
-    def due(self, step: int) -> bool:
-        if self.every:
-            return step % self.every == 0
-        # Dense early, where accuracy climbs fastest; then every 25 steps (~6,400 images at batch 256).
-        return step % 5 == 0 if step <= 100 else step % 25 == 0
-
-    def __call__(self, step: int, model) -> None:
-        if not self.due(step):
-            return
-        from image_classifier.models import predict_logits
-
-        self.synchronize()
-        now = time.perf_counter()
-        logits = predict_logits(model, self.images, 1000)
-        accuracy = (logits.argmax(1) == self.labels).float().mean().item()
-        self.points.append((now - self.started - self.paused, step, accuracy))
-        self.paused += time.perf_counter() - now
-        if (self.stop_at is not None and accuracy >= self.stop_at) or (
-            self.stop_after is not None and self.points[-1][0] > self.stop_after
-        ):
-            raise StopTraining
-
-    def training_seconds(self) -> float:
-        self.synchronize()
-        return time.perf_counter() - self.started - self.paused
-
-    def synchronize(self) -> None:
-        import torch
-
-        if self.device.type != "cpu":
-            torch.accelerator.synchronize()
 
 
 def our_train(
@@ -152,10 +46,11 @@ def our_train(
     import yaml
 
     from image_classifier import params as params_module
-    from image_classifier.data import channel_stats, decode_idx, stratified_indices
+    from image_classifier.data import channel_stats, stratified_indices
     from image_classifier.datasets import get_dataset
     from image_classifier.device import set_threads
     from image_classifier.models import model_config, predict_logits
+    from image_classifier.raw_formats import decode_idx
     from image_classifier.train import train
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -212,8 +107,8 @@ def bare_recipe(device_name: str) -> dict:
     test pass). No loop that trains this recipe can be faster: it bounds the recipe rows' ratio."""
     import torch
 
-    from image_classifier.data import decode_idx
     from image_classifier.datasets import get_dataset
+    from image_classifier.raw_formats import decode_idx
 
     splits = decode_idx(REPO / "data/raw", get_dataset("fashion-mnist"))
     device = torch.device(device_name)
@@ -237,8 +132,9 @@ def bare_recipe(device_name: str) -> dict:
 def preprocess_all() -> dict:
     """The preprocess stage's library call on all 70,000 images, without interpreter start-up."""
     from image_classifier import params as params_module
-    from image_classifier.data import decode, preprocess
     from image_classifier.datasets import get_dataset
+    from image_classifier.preprocess import preprocess
+    from image_classifier.raw_formats import decode
 
     params = params_module.load(REPO / "params.yaml")
     spec = get_dataset(params.data.dataset)
@@ -255,17 +151,6 @@ def preprocess_all() -> dict:
             Path(out) / "samples.png",
         )
         return {"seconds": time.perf_counter() - started}
-
-
-def limited(labels, limit: int):
-    """Indices of a stratified `limit` of a split (all of them when it has no more)."""
-    import torch
-
-    from image_classifier.data import stratified_indices
-
-    if not limit or limit >= len(labels):
-        return torch.arange(len(labels))
-    return stratified_indices(torch.as_tensor(labels), limit, seed=0)[1]
 
 
 STAGE_NAMES = ("fetch", "preprocess", "train", "evaluate", "export")
@@ -299,27 +184,7 @@ def small_folder_pipeline(device_name: str, count: int = 200) -> dict:
     }
 
 
-# The tutorial's recipe exactly, through our data path and train loop (no validation split: the same 60,000
-# training images the tutorial uses).
-QUICKSTART_RECIPE = {
-    "model": "mlp",
-    "optimizer": "sgd",
-    "lr": 1e-3,
-    "momentum": 0.0,
-    "nesterov": False,
-    "weight_decay": 0.0,
-    "schedule": "none",
-    "label_smoothing": 0.0,
-    "crop_padding": 0,
-    "flip": False,
-    "test_time_flip": False,
-    "batch_size": 64,
-    "epochs": 5,
-    "ema": False,
-}
-
 SHORT = {"epochs": 7}
-SHORT_FLAGS = " ".join(f"-S train.{key}={value}" for key, value in SHORT.items())
 
 MEASUREMENTS = {
     "tutorial": lambda device: quickstart_tutorial(device),
@@ -340,24 +205,13 @@ MEASUREMENTS = {
     **small_sets.MEASUREMENTS,
 }
 
+Row = tuple[str, ...]
+
 
 def measure(name: str, device: str) -> dict:
     """Run one measurement in a child process; add that child's peak resident memory."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(
-            [sys.executable, __file__, "--child", name, "--device", device],
-            stdout=out,
-            stderr=err,
-            cwd=REPO,
-            text=True,
-        )
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not the running maximum
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        if child.returncode != 0:
-            raise SystemExit(f"benchmark {name} failed:\n{err.read()[-3000:]}")
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result, peak_rss_mb = run_child([sys.executable, __file__, "--child", name, "--device", device], name)
+    result["peak_rss_mb"] = peak_rss_mb
     return result
 
 
@@ -371,12 +225,6 @@ def median_round(rounds: list[dict[str, dict]], name: str) -> dict:
     }
 
 
-def time_command(args: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(args, cwd=REPO, check=True, capture_output=True)
-    return time.perf_counter() - started
-
-
 def first_reaching(result: dict, threshold: float) -> str:
     for seconds, step, accuracy in result["probes"]:
         if accuracy >= threshold:
@@ -384,28 +232,197 @@ def first_reaching(result: dict, threshold: float) -> str:
     return "not reached"
 
 
-def machine(device: str) -> str:
-    """The device, and for a CPU its model, vector extensions, threads and the precision `auto` picks."""
-    import torch
+def vs_tutorial(tutorial: dict | None, seconds: float) -> str:
+    if not tutorial:
+        return "n/a"
+    ratio = tutorial["seconds"] / seconds
+    return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
 
-    from image_classifier.device import autocast_dtype
 
-    if device == "cuda":
-        return f"Device: cuda ({torch.cuda.get_device_name()})"
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "")
-    flags = set(
-        next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+def vs_tutorial_by_round(tutorial: dict | None, result: dict) -> str:
+    """The ratio of the medians, and the range of the ratios within each round."""
+    if not tutorial:
+        return "n/a"
+    ratios = [t / r for t, r in zip(tutorial["round_seconds"], result["round_seconds"], strict=True)]
+    detail = f" (rounds {min(ratios):.1f}-{max(ratios):.1f}x)" if len(ratios) > 1 else ""
+    return vs_tutorial(tutorial, result["seconds"]) + detail
+
+
+def spread(result: dict) -> str:
+    times = result["round_seconds"]
+    return f" (rounds: {', '.join(f'{t:.1f}' for t in times)})" if len(times) > 1 else ""
+
+
+def recipe_rows(device: str, skip_tutorial: bool, rounds: int) -> tuple[dict | None, list[Row]]:
+    """The tutorial and the same recipe through our train loop, in interleaved rounds (median round shown), then
+    in bf16 and as its bare arithmetic; returns the tutorial's result too, the yardstick of later rows."""
+    compared = ("recipe", "recipe-raw") if skip_tutorial else ("tutorial", "recipe", "recipe-raw")
+    results = [{name: measure(name, device) for name in compared} for _ in range(max(1, rounds))]
+    tutorial = None if skip_tutorial else median_round(results, "tutorial")
+    recipe, recipe_raw = median_round(results, "recipe"), median_round(results, "recipe-raw")
+    recipe_bf16 = measure("recipe-bf16", device)
+    floor = measure("recipe-floor", device)
+    rows = []
+    if tutorial:
+        rows.append(
+            (
+                "Quickstart tutorial as written (DataLoader, MLP, SGD 1e-3, batch 64, 5 epochs)",
+                f"{tutorial['seconds']:.1f} s{spread(tutorial)}",
+                f"{tutorial['test_accuracy']:.4f}",
+                "1.0x",
+            )
+        )
+    for label, result in (
+        ("fp32, raw 0..1 inputs as the tutorial's", recipe_raw),
+        ("fp32, our normalised inputs", recipe),
+    ):
+        rows.append(
+            (
+                f"Same recipe through our train loop ({label})",
+                f"{result['seconds']:.1f} s{spread(result)}",
+                f"{result['test_accuracy']:.4f}",
+                vs_tutorial_by_round(tutorial, result),
+            )
+        )
+    rows.append(
+        (
+            "Same recipe through our train loop (bf16 autocast, normalised inputs; one round)",
+            f"{recipe_bf16['seconds']:.1f} s",
+            f"{recipe_bf16['test_accuracy']:.4f}",
+            vs_tutorial(tutorial, recipe_bf16["seconds"]),
+        )
     )
-    extensions = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
-    precision = "bf16" if autocast_dtype(torch.device("cpu"), "auto") else "fp32"
-    return (
-        f"Device: cpu ({model or platform.processor() or platform.machine()}; {', '.join(extensions) or 'no AVX2'}; "
-        f"{torch.get_num_threads()} threads; precision auto = {precision})"
+    rows.append(
+        (
+            "Same recipe, its arithmetic alone (model, loss, SGD over sliced batches; nothing else; one round): "
+            "the fastest any loop can train it",
+            f"{floor['seconds']:.1f} s",
+            f"{floor['test_accuracy']:.4f}",
+            vs_tutorial(tutorial, floor["seconds"]),
+        )
     )
+    return tutorial, rows
 
 
-def main() -> None:
+def default_config_rows(device: str, tutorial: dict | None) -> tuple[dict, list[Row]]:
+    """The default config: time to the tutorial's accuracy and to each threshold, all its epochs; then the short
+    schedule, plain and compiled. Returns the default run's result too (its peak memory is a later row)."""
+    default = measure("default", device)
+    short = measure("short", device)
+    short_compiled = measure("short-compiled", device)
+    target = tutorial["test_accuracy"] if tutorial else 0.65
+    reached = first_reaching(default, target)
+    rows = [
+        (
+            f"Default config: to the tutorial's accuracy ({target:.4f}) on validation",
+            reached,
+            "",
+            vs_tutorial(tutorial, float(reached.split()[0])) if reached != "not reached" else "",
+        )
+    ]
+    for threshold in THRESHOLDS:
+        rows.append(
+            (
+                f"Default config: to {threshold:.0%} validation accuracy",
+                first_reaching(default, threshold),
+                "",
+                "",
+            )
+        )
+    rows.append(
+        (
+            f"Default config: all {len(default['history'])} epochs, test accuracy",
+            f"{default['seconds']:.1f} s",
+            f"{default['test_accuracy']:.4f}",
+            "",
+        )
+    )
+    rows.append(
+        (
+            f"Short schedule (`{train_flags(SHORT)}`): training time, test accuracy",
+            f"{short['seconds']:.1f} s",
+            f"{short['test_accuracy']:.4f}",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "Same short schedule with `-S train.compile=default`: training time (compile time apart)",
+            f"{short_compiled['seconds'] - short_compiled['compile_seconds']:.1f} s "
+            f"(+ {short_compiled['compile_seconds']:.1f} s compile)",
+            f"{short_compiled['test_accuracy']:.4f}",
+            "",
+        )
+    )
+    return default, rows
+
+
+def preprocess_and_repro_rows(device: str) -> list[Row]:
+    """Preprocess as a library call and as a whole process, and a `dvc repro` with nothing to do."""
+    preprocess = measure("preprocess", device)
+    # The interpreter's own folder first on PATH, as `make` puts it: the dvc that runs is this environment's.
+    command = command_timer(REPO)
+    rows = [
+        (
+            "Preprocess all 70,000 images (library call, no start-up)",
+            f"{preprocess['seconds']:.2f} s",
+            "",
+            "",
+        ),
+        (
+            "Preprocess stage, whole process (`python stages/preprocess.py`)",
+            f"{command(sys.executable, 'stages/preprocess.py'):.1f} s",
+            "",
+            "",
+        ),
+    ]
+    if (REPO / "dvc.lock").is_file():
+        command("dvc", "repro")  # brings the workspace up to date if it was not
+        rows.append(("No-op `dvc repro`", f"{command('dvc', 'repro'):.2f} s", "", ""))
+    return rows
+
+
+def small_folder_rows(device: str) -> list[Row]:
+    folder = measure("small-folder", device)
+    overhead = folder["seconds"] - folder["train_seconds"]
+    return [
+        (
+            "200-image folder, defaults: whole `dvc repro` (of which training; overhead, target <= 10 s)",
+            f"{folder['seconds']:.1f} s ({folder['train_seconds']:.1f} s, {folder['epochs']} epochs; "
+            f"overhead {overhead:.1f} s)",
+            f"{folder['test_accuracy']:.4f}",
+            "",
+        ),
+        (
+            "200-image folder: each stage's process alone, start-up included",
+            ", ".join(f"{name} {seconds:.1f} s" for name, seconds in folder["stage_seconds"].items()),
+            "",
+            "",
+        ),
+    ]
+
+
+def speed_table(device: str, skip_tutorial: bool, rounds: int) -> list[Row]:
+    """The default table (`make bench`), its measurements in this order."""
+    tutorial, rows = recipe_rows(device, skip_tutorial, rounds)
+    default, default_rows = default_config_rows(device, tutorial)
+    rows += default_rows
+    rows += preprocess_and_repro_rows(device)
+    rows.append(("Peak memory of the default training process", f"{default['peak_rss_mb']:.0f} MB", "", ""))
+    rows += small_folder_rows(device)
+    return rows + small_sets.rows(measure, device, tutorial)
+
+
+def small_sets_table(device: str, skip_tutorial: bool) -> list[Row]:
+    """`--small-sets`: the small-folder rows, with the tutorial for the ratio."""
+    tutorial = None if skip_tutorial else measure("tutorial", device)
+    rows = (
+        [("Quickstart tutorial as written", f"{tutorial['seconds']:.1f} s", "", "1.0x")] if tutorial else []
+    )
+    return rows + small_sets.rows(measure, device, tutorial)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--skip-tutorial", action="store_true", help="skip the slow tutorial row")
@@ -438,9 +455,13 @@ def main() -> None:
     )
     parser.add_argument("--out", help="--gpu: also write the table to this file, row by row")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.gpu:
-        import bench_gpu  # here: it imports this module
+        import bench_gpu  # here: only the GPU mode needs it
 
         bench_gpu.main(args)
         return
@@ -457,187 +478,13 @@ def main() -> None:
     if args.data_scale:
         Path(args.scale_dir).mkdir(parents=True, exist_ok=True)
         print_table(device, data_scale.rows(measure, device, args.scale_images), compared="Compared")
-        return
-    if args.small_sets:
-        tutorial = None if args.skip_tutorial else measure("tutorial", device)
-        rows = (
-            [("Quickstart tutorial as written", f"{tutorial['seconds']:.1f} s", "", "1.0x")]
-            if tutorial
-            else []
-        )
-        print_table(device, rows + small_sets.rows(measure, device, tutorial), compared="Compared")
-        return
-    rows = []
-    compared = ("recipe", "recipe-raw") if args.skip_tutorial else ("tutorial", "recipe", "recipe-raw")
-    rounds = [{name: measure(name, device) for name in compared} for _ in range(max(1, args.rounds))]
-    tutorial = None if args.skip_tutorial else median_round(rounds, "tutorial")
-    recipe, recipe_raw = median_round(rounds, "recipe"), median_round(rounds, "recipe-raw")
-    recipe_bf16 = measure("recipe-bf16", device)
-    floor = measure("recipe-floor", device)
-    default = measure("default", device)
-    short = measure("short", device)
-    short_compiled = measure("short-compiled", device)
-    preprocess = measure("preprocess", device)
-
-    def vs_tutorial(seconds: float) -> str:
-        if not tutorial:
-            return "n/a"
-        ratio = tutorial["seconds"] / seconds
-        return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
-
-    def spread(result: dict) -> str:
-        times = result["round_seconds"]
-        return f" (rounds: {', '.join(f'{t:.1f}' for t in times)})" if len(times) > 1 else ""
-
-    def vs_tutorial_by_round(result: dict) -> str:
-        """The ratio of the medians, and the range of the ratios within each round."""
-        if not tutorial:
-            return "n/a"
-        ratios = [t / r for t, r in zip(tutorial["round_seconds"], result["round_seconds"], strict=True)]
-        detail = f" (rounds {min(ratios):.1f}-{max(ratios):.1f}x)" if len(ratios) > 1 else ""
-        return vs_tutorial(result["seconds"]) + detail
-
-    if tutorial:
-        rows.append(
-            (
-                "Quickstart tutorial as written (DataLoader, MLP, SGD 1e-3, batch 64, 5 epochs)",
-                f"{tutorial['seconds']:.1f} s{spread(tutorial)}",
-                f"{tutorial['test_accuracy']:.4f}",
-                "1.0x",
-            )
-        )
-    for label, result in (
-        ("fp32, raw 0..1 inputs as the tutorial's", recipe_raw),
-        ("fp32, our normalised inputs", recipe),
-    ):
-        rows.append(
-            (
-                f"Same recipe through our train loop ({label})",
-                f"{result['seconds']:.1f} s{spread(result)}",
-                f"{result['test_accuracy']:.4f}",
-                vs_tutorial_by_round(result),
-            )
-        )
-    rows.append(
-        (
-            "Same recipe through our train loop (bf16 autocast, normalised inputs; one round)",
-            f"{recipe_bf16['seconds']:.1f} s",
-            f"{recipe_bf16['test_accuracy']:.4f}",
-            vs_tutorial(recipe_bf16["seconds"]),
-        )
-    )
-    rows.append(
-        (
-            "Same recipe, its arithmetic alone (model, loss, SGD over sliced batches; nothing else; one round): "
-            "the fastest any loop can train it",
-            f"{floor['seconds']:.1f} s",
-            f"{floor['test_accuracy']:.4f}",
-            vs_tutorial(floor["seconds"]),
-        )
-    )
-    history = default["history"]
-    target = tutorial["test_accuracy"] if tutorial else 0.65
-    reached = first_reaching(default, target)
-    rows.append(
-        (
-            f"Default config: to the tutorial's accuracy ({target:.4f}) on validation",
-            reached,
-            "",
-            vs_tutorial(float(reached.split()[0])) if reached != "not reached" else "",
-        )
-    )
-    for threshold in THRESHOLDS:
-        rows.append(
-            (
-                f"Default config: to {threshold:.0%} validation accuracy",
-                first_reaching(default, threshold),
-                "",
-                "",
-            )
-        )
-    rows.append(
-        (
-            f"Default config: all {len(history)} epochs, test accuracy",
-            f"{default['seconds']:.1f} s",
-            f"{default['test_accuracy']:.4f}",
-            "",
-        )
-    )
-    rows.append(
-        (
-            f"Short schedule (`{SHORT_FLAGS}`): training time, test accuracy",
-            f"{short['seconds']:.1f} s",
-            f"{short['test_accuracy']:.4f}",
-            "",
-        )
-    )
-    rows.append(
-        (
-            "Same short schedule with `-S train.compile=default`: training time (compile time apart)",
-            f"{short_compiled['seconds'] - short_compiled['compile_seconds']:.1f} s "
-            f"(+ {short_compiled['compile_seconds']:.1f} s compile)",
-            f"{short_compiled['test_accuracy']:.4f}",
-            "",
-        )
-    )
-    rows.append(
-        ("Preprocess all 70,000 images (library call, no start-up)", f"{preprocess['seconds']:.2f} s", "", "")
-    )
-    rows.append(
-        (
-            "Preprocess stage, whole process (`python stages/preprocess.py`)",
-            f"{time_command([sys.executable, 'stages/preprocess.py']):.1f} s",
-            "",
-            "",
-        )
-    )
-    if (REPO / "dvc.lock").is_file():
-        env_bin = str(Path(sys.executable).parent)
-        os.environ["PATH"] = f"{env_bin}:{os.environ['PATH']}"
-        time_command(["dvc", "repro"])  # brings the workspace up to date if it was not
-        rows.append(("No-op `dvc repro`", f"{time_command(['dvc', 'repro']):.2f} s", "", ""))
-    rows.append(("Peak memory of the default training process", f"{default['peak_rss_mb']:.0f} MB", "", ""))
-    folder = measure("small-folder", device)
-    overhead = folder["seconds"] - folder["train_seconds"]
-    rows.append(
-        (
-            "200-image folder, defaults: whole `dvc repro` (of which training; overhead, target <= 10 s)",
-            f"{folder['seconds']:.1f} s ({folder['train_seconds']:.1f} s, {folder['epochs']} epochs; "
-            f"overhead {overhead:.1f} s)",
-            f"{folder['test_accuracy']:.4f}",
-            "",
-        )
-    )
-    rows.append(
-        (
-            "200-image folder: each stage's process alone, start-up included",
-            ", ".join(f"{name} {seconds:.1f} s" for name, seconds in folder["stage_seconds"].items()),
-            "",
-            "",
-        )
-    )
-
-    rows += small_sets.rows(measure, device, tutorial)
-    print_table(device, rows)
+    elif args.small_sets:
+        print_table(device, small_sets_table(device, args.skip_tutorial), compared="Compared")
+    else:
+        print_table(device, speed_table(device, args.skip_tutorial, args.rounds))
 
 
-def table_header(device: str, columns: tuple[str, ...]) -> list[str]:
-    """The machine line (device, torch version, date) and the markdown table's heading."""
-    import torch
-
-    return [
-        f"{machine(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-    ]
-
-
-def table_row(cells: tuple[str, ...]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def print_table(device: str, rows: list[tuple[str, ...]], compared: str = "vs tutorial") -> None:
+def print_table(device: str, rows: list[Row], compared: str = "vs tutorial") -> None:
     print("\n" + "\n".join(table_header(device, ("Measurement", "Time", "Test accuracy", compared))))
     for row in rows:
         print(table_row(row))

@@ -15,8 +15,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import bench
-from bench import QUICKSTART_RECIPE, REPO, StopTraining, ValidationProbe, limited, table_header, table_row
+import common
+from common import (
+    QUICKSTART_RECIPE,
+    REPO,
+    StopTraining,
+    ValidationProbe,
+    limited,
+    table_header,
+    table_row,
+    train_flags,
+)
 
 GPU_REFUSAL = (
     "bench.py --gpu: no CUDA GPU here (torch.cuda.is_available() is False); run it on a machine with one, "
@@ -62,16 +71,12 @@ def plain_train_params(overrides: dict) -> SimpleNamespace:
 
 def gpu_data(raw_dir: Path, limit: int) -> tuple:
     """Fashion-MNIST's spec and its train and test splits decoded from the four IDX files in `raw_dir`."""
-    from image_classifier.data import decode_idx
     from image_classifier.datasets import get_dataset
+    from image_classifier.raw_formats import decode_idx
 
     spec = get_dataset("fashion-mnist", REPO / "datasets.yaml")
     splits = decode_idx(raw_dir, spec)
     return spec, {name: split.subset(limited(split.labels, limit)) for name, split in splits.items()}
-
-
-def flags(overrides: dict) -> str:
-    return " ".join(f"-S train.{key}={value}" for key, value in overrides.items())
 
 
 class PeakMemory:
@@ -83,16 +88,20 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         import torch
 
+        from image_classifier.device import synchronize
+
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            synchronize(self.device)
             torch.cuda.reset_peak_memory_stats()
         return self
 
     def __exit__(self, *exc) -> None:
         import torch
 
+        from image_classifier.device import synchronize
+
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            synchronize(self.device)
             self.megabytes = torch.cuda.max_memory_allocated() / 2**20
 
     def cell(self) -> str:
@@ -107,6 +116,7 @@ def gpu_train(overrides: dict, spec, splits: dict, device, probe: dict | None = 
     import torch
 
     from image_classifier.data import channel_stats
+    from image_classifier.device import synchronize
     from image_classifier.models import build_model, model_config, predict_logits
     from image_classifier.plan import plan_training
     from image_classifier.train import train
@@ -140,8 +150,7 @@ def gpu_train(overrides: dict, spec, splits: dict, device, probe: dict | None = 
         if hook:
             seconds = hook.training_seconds()
         else:
-            if device.type != "cpu":
-                torch.accelerator.synchronize()
+            synchronize(device)
             seconds = time.perf_counter() - started - result.compile_seconds
     accuracy = None
     if result is not None:
@@ -230,7 +239,7 @@ def main(args: argparse.Namespace) -> None:
     tutorial = None
     if not args.skip_tutorial:
         with PeakMemory(device) as memory:
-            tutorial = bench.quickstart_tutorial(device_name, Path(args.data), limit)
+            tutorial = common.quickstart_tutorial(device_name, Path(args.data), limit)
         table.row(
             f"Quickstart tutorial as written (DataLoader, ToTensor, MLP, SGD 1e-3, batch 64, 5 epochs; {size})",
             f"{tutorial['seconds']:.3f} s",
@@ -255,7 +264,7 @@ def main(args: argparse.Namespace) -> None:
     reached = next(((s, step) for s, step, a in run["probes"] if a >= GPU_TARGET_ACCURACY), None)
     best = max((a for _, _, a in run["probes"]), default=None)
     table.row(
-        f"Fast config (`{flags(fast)}`): time to {GPU_TARGET_ACCURACY:.0%} test accuracy, probed every 5-25 steps "
+        f"Fast config (`{train_flags(fast)}`): time to {GPU_TARGET_ACCURACY:.0%} test accuracy, probed every 5-25 steps "
         "with the clock stopped (target at most 5 s); accuracy: the best probe",
         f"{reached[0]:.3f} s (epoch {reached[1] / run['steps_per_epoch']:.2f})"
         if reached
@@ -265,7 +274,7 @@ def main(args: argparse.Namespace) -> None:
         run["memory"],
     )
 
-    label = f"Long config (`{flags(long)}`): best test accuracy within {long_seconds:g} s of training"
+    label = f"Long config (`{train_flags(long)}`): best test accuracy within {long_seconds:g} s of training"
     if not skipped(label, long_seconds + 30):
         timing = gpu_train({**long, "epochs": 2}, spec, splits, device)
         per_epoch = timing["history"][-1]["epoch_seconds"]

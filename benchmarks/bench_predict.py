@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import cpu_model
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,13 +35,6 @@ from image_classifier.models import build_model, model_config  # noqa: E402
 from image_classifier.predictors import Predictor, load_predictor  # noqa: E402
 
 CLASSES = [f"class{i}" for i in range(10)]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def make_models(folder: Path, model: str, image_shape: list[int]) -> dict[str, Predictor]:
@@ -121,8 +115,9 @@ def main() -> None:
     parser.add_argument("--timm", default="timm:resnet18")
     parser.add_argument("--timm-size", type=int, default=64)
     args = parser.parse_args()
+    cpu = cpu_model() or platform.processor() or "unknown CPU"
     lines = [
-        f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__} "
+        f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d')}",
         "",
         "| model | what | images/s |",

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
+from common import run_child, table_header, table_row
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 32
@@ -165,15 +166,7 @@ def fine_tune(count: int, size: int, epochs: int) -> dict:
 
 def child(args: list[str]) -> tuple[dict, float]:
     """Run one measurement in a fresh process; return its result and the process's peak resident memory (MB)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(
-            [sys.executable, __file__, "--child", *args], stdout=out, stderr=err, cwd=REPO
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-        out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"benchmark {args} failed:\n{err.read()[-3000:]}")
-        return json.loads(out.read().strip().splitlines()[-1]), usage.ru_maxrss / 1024
+    return run_child([sys.executable, __file__, "--child", *args], str(args))
 
 
 def main() -> None:
@@ -198,7 +191,6 @@ def main() -> None:
         return
 
     import torch
-    from bench import machine
 
     from image_classifier.device import autocast_dtype
 
@@ -230,11 +222,9 @@ def main() -> None:
             "",
         ]
     )
-    print(f"\n{machine('cpu')}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
-    print("| Measurement | ours | timm's train.py | ours / timm |")
-    print("|---|---|---|---|")
+    print("\n" + "\n".join(table_header("cpu", ("Measurement", "ours", "timm's train.py", "ours / timm"))))
     for row in rows:
-        print("| " + " | ".join(row) + " |")
+        print(table_row(row))
 
 
 if __name__ == "__main__":

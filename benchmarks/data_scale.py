@@ -225,9 +225,11 @@ def fashion_mnist(in_memory: bool) -> dict:
 
     from image_classifier import params as params_module
     from image_classifier.batches import split_logits
-    from image_classifier.data import Meta, decode, load_split, preprocess
+    from image_classifier.data import Meta, load_split
     from image_classifier.datasets import get_dataset
     from image_classifier.models import build_model, resolve_model
+    from image_classifier.preprocess import preprocess
+    from image_classifier.raw_formats import decode
 
     out = scale_dir() / "fashion-mnist"
     if not (out / "meta.json").is_file():  # both children use the same stored splits

@@ -33,7 +33,7 @@ def main() -> None:
             config["dataset"],
             "test",
             paths.SPLIT_DIRS["test"],
-            tracking.file_md5(paths.SPLIT_DIRS["test"]),
+            tracking.dvc_md5(paths.SPLIT_DIRS["test"]),
         )
         tracking.log_results(
             flat_metrics(metrics, "test"),

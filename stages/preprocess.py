@@ -11,9 +11,10 @@ def main() -> None:
     params = params_module.load()
     # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
     from image_classifier.backbones import check_architecture, is_timm
-    from image_classifier.data import decode, preprocess
     from image_classifier.datasets import get_dataset
     from image_classifier.paths import META_FILE, PROCESSED_DIR, RAW_DIR, SAMPLES_PNG, SPLIT_DIRS
+    from image_classifier.preprocess import preprocess
+    from image_classifier.raw_formats import decode
 
     if is_timm(params.train.model):  # its name decides the image size: check it before decoding anything
         check_architecture(params.train.model)

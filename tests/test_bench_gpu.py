@@ -14,8 +14,8 @@ from conftest import REPO, write_idx_dataset
 from image_classifier import params as params_module
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import bench
 import bench_gpu
+import common
 
 # What the bare GPU machine does not have, or the GPU path must not need: importing any of them fails.
 ABSENT = (
@@ -45,15 +45,15 @@ compile_ = torch.compile
 torch.compile = lambda model, mode=None: compile_(model, backend="eager")
 sys.path[:0] = ["src", "benchmarks"]
 import bench
-import bench_gpu
-tutorial = bench.quickstart_tutorial
+import common
+tutorial = common.quickstart_tutorial
 def tutorial_with_pil(*args, **kwargs):
     del sys.modules["PIL"]
     try:
         return tutorial(*args, **kwargs)
     finally:
         sys.modules["PIL"] = None
-bench.quickstart_tutorial = tutorial_with_pil
+common.quickstart_tutorial = tutorial_with_pil
 sys.argv = ["benchmarks/bench.py", *{args!r}]
 bench.main()
 """
@@ -173,7 +173,7 @@ def test_missing_data_is_one_line_too(tmp_path: Path) -> None:
 def test_plain_train_params_are_train_params_without_pydantic() -> None:
     assert set(vars(bench_gpu.plain_train_params({}))) == set(params_module.TrainParams.model_fields)
     configs = [
-        {**bench.QUICKSTART_RECIPE, "precision": "fp32"},
+        {**common.QUICKSTART_RECIPE, "precision": "fp32"},
         bench_gpu.GPU_FAST,
         {**bench_gpu.GPU_LONG, "epochs": bench_gpu.GPU_LONG_MAX_EPOCHS},
         *({**bench_gpu.GPU_FAST, "compile": mode} for mode in bench_gpu.COMPILE_MODES),

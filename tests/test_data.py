@@ -13,11 +13,7 @@ from image_classifier.data import (
     Meta,
     Split,
     channel_stats,
-    class_by_class,
-    decode,
-    decode_idx,
     load_split,
-    preprocess,
     save_split,
     split_size,
     stratified_indices,
@@ -25,6 +21,8 @@ from image_classifier.data import (
 )
 from image_classifier.errors import UserError
 from image_classifier.fetch import fetch_dataset
+from image_classifier.preprocess import class_by_class, preprocess
+from image_classifier.raw_formats import decode, decode_idx
 
 
 @pytest.fixture

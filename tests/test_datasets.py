@@ -33,7 +33,7 @@ from PIL import Image
 from test_pipeline import STAGES, repro, subset_params
 
 from image_classifier.augment import augment
-from image_classifier.data import decode, load_split
+from image_classifier.data import load_split
 from image_classifier.datasets import (
     CIFAR_BATCH_RECORDS,
     CIFAR_MEMBERS,
@@ -49,6 +49,7 @@ from image_classifier.export import example_input, export_onnx, load_model, onnx
 from image_classifier.fetch import fetch_dataset, local_folders
 from image_classifier.models import build_model
 from image_classifier.predict import main as predict_main
+from image_classifier.raw_formats import decode
 
 TOP = "cifar-10-batches-bin"
 

@@ -22,8 +22,8 @@ from image_classifier.export import (
     parity_metrics,
     save_model,
 )
+from image_classifier.images import read_image
 from image_classifier.models import build_model, predict_logits
-from image_classifier.predict import load_image
 from image_classifier.predict import main as predict_main
 
 
@@ -86,7 +86,7 @@ def test_predict_classifies_png_files(saved_model: Path, tmp_path: Path, capsys)
     model, _ = load_model(saved_model)
     image = make_split(10, 4).images[3]
     Image.fromarray(image[0].numpy()).resize((56, 56)).convert("RGB").save(tmp_path / "big.png")
-    loaded = load_image(tmp_path / "big.png", [1, 28, 28])
+    loaded = read_image(tmp_path / "big.png", 1, (28, 28))
     assert loaded.shape == (1, 28, 28) and loaded.dtype == torch.uint8
     expected = CLASSES[int(model(loaded[None].float() / 255).argmax())]
     predict_main([str(tmp_path / "big.png"), "--model", str(saved_model)])
@@ -136,7 +136,7 @@ def test_predict_refuses_bad_images(tmp_path: Path, name: str, content, message:
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(UserError, match=message):
-        load_image(path, [1, 28, 28])
+        read_image(path, 1, (28, 28))
 
 
 def test_sample_mosaic_matches_torchvision_make_grid() -> None:

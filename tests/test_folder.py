@@ -23,8 +23,7 @@ from torchvision.transforms.v2 import functional as F
 from image_classifier import folder
 from image_classifier.errors import UserError
 from image_classifier.folder import copy_image_folder, decode_folder, resolve_image_size, sort_classes
-from image_classifier.images import decode_rgb, read_image
-from image_classifier.predict import load_image
+from image_classifier.images import decode_rgb_array, read_image
 
 COLOURS = {"cat": (220, 30, 30), "dog": (30, 30, 220)}  # a class you can tell from the pixels
 
@@ -226,10 +225,16 @@ def test_predict_reads_an_image_exactly_as_preprocess_does(tmp_path: Path) -> No
     copy_image_folder(root, tmp_path / "raw")
     _, splits = decode_folder(tmp_path / "raw", 16, 3)
     for index, path in enumerate((root / "cat" / "photo.jpg", root / "dog" / "gradient.png")):
-        assert torch.equal(load_image(path, [3, 16, 16]), splits["train"].images[index])
+        assert torch.equal(read_image(path, 3, (16, 16)), splits["train"].images[index])
 
 
 # --- Any image: formats, modes, EXIF rotation, transparency ------------------------------------------------------
+
+
+def decode_rgb(path: Path) -> torch.Tensor:
+    """decode_rgb_array's uint8 H×W×3 pixels at full size as 3×H×W, torchvision's layout."""
+    return torch.from_numpy(decode_rgb_array(path).transpose(2, 0, 1).copy())
+
 
 RED, TEAL = (220, 20, 30), (10, 120, 110)
 
@@ -355,7 +360,7 @@ def test_channels_auto_is_3_once_one_image_is_in_colour(tmp_path: Path) -> None:
     assert auto["train"].images.shape == (26, 3, 32, 32)
     assert torch.equal(auto["train"].images, rgb["train"].images), "the pixels predict reads with channels 3"
     photo = root / "star" / "colour.webp"
-    assert torch.equal(load_image(photo, [3, 32, 32]), read_image(photo, "auto", (32, 32)))
+    assert torch.equal(read_image(photo, 3, (32, 32)), read_image(photo, "auto", (32, 32)))
 
 
 def test_a_grey_image_is_the_same_whatever_channels_the_model_takes(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
+from image_classifier.errors import one_line
+
 
 class ArchiveError(Exception):
     """The archive is damaged or holds something it must not; the message says which member and why."""
@@ -61,9 +63,10 @@ def _extract_checked(archive: Path, temp: Path, allowed: Mapping[str, int], tops
                 tar.extract(member, temp, filter="data")
                 names.append(name)
     except (tarfile.TarError, EOFError, zlib.error) as error:
-        raise ArchiveError(f"damaged archive ({_reason(error)})") from None
+        reason = "truncated: it ends early" if isinstance(error, EOFError) else one_line(error)
+        raise ArchiveError(f"damaged archive ({reason})") from None
     except OSError as error:  # gzip.BadGzipFile, or a write failing (disk full)
-        raise ArchiveError(f"damaged archive or unwritable folder ({_reason(error)})") from None
+        raise ArchiveError(f"damaged archive or unwritable folder ({one_line(error)})") from None
     return names
 
 
@@ -89,10 +92,3 @@ def _check(
     if name in seen:
         raise ArchiveError(f"member {member.name!r} appears twice")
     return name
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    if isinstance(error, EOFError):
-        text = "truncated: it ends early"
-    return " ".join(text.split())[:160]

@@ -15,7 +15,6 @@ cache folder (paths.pretrained_cache) that can be copied to a machine without in
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import re
 import sys
@@ -26,7 +25,8 @@ from typing import Any
 from torch import nn
 
 from image_classifier import paths, weight_layouts
-from image_classifier.errors import UserError, load_failure
+from image_classifier.errors import UserError, load_failure, one_line
+from image_classifier.files import file_digest
 
 PREFIX = "timm:"
 # timm's local-dir layout and the Hub's: weights under these names (first found wins, as in timm), and a config.
@@ -258,7 +258,7 @@ def _resolve(pretrained: str, model: str) -> Weights:
     if path.is_dir():
         return _from_local_dir(path, model)
     if path.is_file():
-        return Weights(str(path), path, sha256(path))
+        return Weights(str(path), path, file_digest(path))
     raise UserError(f"train.pretrained = {pretrained!r}: no such file or folder")
 
 
@@ -306,7 +306,7 @@ def _from_hub(repo_id: str, filename: str | None = None, cfg: dict[str, Any] | N
     if file is None:
         raise UserError(f"train.pretrained: hf-hub:{repo_id} holds none of {', '.join(WEIGHT_FILES)}")
     config = cfg or _hub_config(repo_id, cache)
-    return Weights(f"hf-hub:{repo_id}", file, sha256(file), _input_config(config))
+    return Weights(f"hf-hub:{repo_id}", file, file_digest(file), _input_config(config))
 
 
 def _hub_config(repo_id: str, cache: Path) -> dict[str, Any]:
@@ -336,12 +336,12 @@ def _from_url(url: str, cfg: dict[str, Any] | None = None) -> Weights:
         try:
             torch.hub.download_url_to_file(url, str(file), hash_prefix=expected, progress=True)
         except RuntimeError as error:  # torch.hub's hash check; the partial download is already deleted
-            raise UserError(f"train.pretrained: {url} is corrupted: {' '.join(str(error).split())}") from None
+            raise UserError(f"train.pretrained: {url} is corrupted: {one_line(error, limit=None)}") from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", None) or error
             status = f"HTTP {error.code} " if isinstance(error, urllib.error.HTTPError) else ""
             raise UserError(f"train.pretrained: cannot download {url}: {status}{reason}") from None
-    digest = sha256(file)
+    digest = file_digest(file)
     if expected and not digest.startswith(expected):
         raise UserError(
             f"train.pretrained: {file} is corrupted: its sha256 {digest[:12]}... does not begin with {expected} "
@@ -366,7 +366,7 @@ def _from_local_dir(folder: Path, model: str) -> Weights:
         raise UserError(
             f"train.pretrained: {folder} holds weights for {theirs!r}, not {architecture(model)!r}"
         )
-    return Weights(str(folder), file, sha256(file), _input_config(config))
+    return Weights(str(folder), file, file_digest(file), _input_config(config))
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -381,11 +381,3 @@ def _input_config(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a pretrained config that describe the input; the rest (classifier, num_classes) stays timm's."""
     cfg = config.get("pretrained_cfg", config)
     return {key: cfg[key] for key in ("mean", "std", "input_size") if key in cfg}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

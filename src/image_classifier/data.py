@@ -1,4 +1,5 @@
-"""Decoding, validating, splitting and storing a data set as uint8 images and int64 labels.
+"""A data set's splits as uint8 images and int64 labels: validating them, drawing stratified splits, their pixel
+statistics, and storing and loading them (raw_formats.py and folder.py decode them; preprocess.py puts it together).
 
 Each split is stored as a folder of uint8 image shards and a label file (storage.py): memory-mapped when read,
 never unpickled. A split's images are a tensor (decoded in memory, or loaded) or MappedImages (read from disk on
@@ -11,27 +12,15 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from image_classifier.datasets import (
-    CIFAR_META,
-    CIFAR_RECORD_BYTES,
-    CIFAR_SHAPE,
-    CIFAR_TEST_BATCH,
-    CIFAR_TRAIN_BATCHES,
-    DatasetSpec,
-)
-from image_classifier.errors import UserError
+from image_classifier.datasets import DatasetSpec
+from image_classifier.errors import UserError, one_line
 from image_classifier.files import atomic_path
 from image_classifier.storage import CHUNK_BYTES, MappedImages, read_split, write_split
 
-if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
-    from image_classifier.params import PreprocessParams
-
-IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 data with 3 and 1 dimensions
 # How to recover a damaged processed file: DVC's cache has the last good copy, or the stage rebuilds it.
 _REBUILD = "restore it with 'dvc checkout preprocess' or rebuild it with 'dvc repro -f preprocess'"
 
@@ -81,84 +70,7 @@ class Meta:
                 f"{path} is missing; run the preprocess stage first (dvc repro preprocess)"
             ) from None
         except (OSError, ValueError, TypeError) as error:  # unreadable, not JSON, or other keys
-            reason = " ".join(str(error).split())[:160]
-            raise UserError(f"{path} is damaged ({reason}); {_REBUILD}") from None
-
-
-def decode_idx(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
-    """Read the train and test IDX files of `spec` from `raw_dir` into validated Splits."""
-    splits = {}
-    for split in ("train", "test"):
-        images = _read_idx(raw_dir / spec.files[f"{split}_images"].name, "images")
-        labels = _read_idx(raw_dir / spec.files[f"{split}_labels"].name, "labels")
-        splits[split] = Split(images.unsqueeze(1).contiguous(), labels.long())
-        validate(splits[split], spec, split)
-    return splits
-
-
-def _read_idx(path: Path, kind: str) -> torch.Tensor:
-    """An IDX file's uint8 array: a 4-byte magic number (type and number of dimensions), one big-endian 4-byte
-    size per dimension, then the data. Read with numpy, not torchvision's reader: torchvision takes a second to
-    import and brings PIL, which the GPU benchmark's bare machine need not have."""
-    _require_fetched(path)
-    with path.open("rb") as file:
-        header = file.read(4)
-        if len(header) < 4:
-            raise UserError(f"{path} is empty or truncated ({len(header)} bytes); delete it and fetch again")
-        magic = int.from_bytes(header, "big")
-        if magic != IDX_MAGIC[kind]:
-            raise UserError(
-                f"{path}: IDX magic number {magic} is wrong; expected {IDX_MAGIC[kind]} for {kind}"
-            )
-        sizes = file.read(4 * (magic & 0xFF))
-    shape = [int.from_bytes(sizes[i : i + 4], "big") for i in range(0, len(sizes), 4)]
-    data = np.fromfile(path, dtype=np.uint8, offset=4 + len(sizes))
-    if len(sizes) < 4 * (magic & 0xFF) or len(data) != np.prod(shape):
-        raise UserError(
-            f"{path}: not a valid IDX {kind} file: its {path.stat().st_size} bytes do not match its header; "
-            "delete it and fetch again"
-        )
-    return torch.from_numpy(data.reshape(shape))
-
-
-def _require_fetched(path: Path) -> None:
-    if not path.is_file():
-        raise UserError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
-
-
-def decode_cifar(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
-    """Read CIFAR-10's binary batches (extracted by fetch into `raw_dir`) into validated Splits."""
-    _check_cifar_classes(raw_dir / CIFAR_META, spec)
-    splits = {}
-    for split, members in (("train", CIFAR_TRAIN_BATCHES), ("test", (CIFAR_TEST_BATCH,))):
-        records = np.concatenate([_read_cifar_batch(raw_dir / member) for member in members])
-        # Label byte, then the 1024 red, 1024 green and 1024 blue pixels of the image, row by row.
-        images = torch.from_numpy(records[:, 1:].reshape(-1, *CIFAR_SHAPE).copy())
-        splits[split] = Split(images, torch.from_numpy(records[:, 0].astype(np.int64)))
-        validate(splits[split], spec, split)
-    return splits
-
-
-def _read_cifar_batch(path: Path) -> np.ndarray:
-    """A batch file's records as a uint8 array of shape (records, 3073)."""
-    _require_fetched(path)
-    data = np.fromfile(path, dtype=np.uint8)
-    if len(data) == 0 or len(data) % CIFAR_RECORD_BYTES:
-        raise UserError(
-            f"{path}: not a CIFAR binary batch: {len(data)} bytes is not a whole number of "
-            f"{CIFAR_RECORD_BYTES}-byte records; delete it and fetch again"
-        )
-    return data.reshape(-1, CIFAR_RECORD_BYTES)
-
-
-def _check_cifar_classes(path: Path, spec: DatasetSpec) -> None:
-    """The archive's own class list must be the spec's, in order: labels are indices into it."""
-    _require_fetched(path)
-    names = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    if names != list(spec.classes):
-        raise UserError(
-            f"{path} lists classes {', '.join(names)}; {spec.name} declares {', '.join(spec.classes)}"
-        )
+            raise UserError(f"{path} is damaged ({one_line(error)}); {_REBUILD}") from None
 
 
 def validate(split: Split, spec: DatasetSpec, name: str) -> None:
@@ -270,124 +182,7 @@ def load_split(folder: Path) -> Split:
     try:
         return Split(*read_split(folder))
     except (OSError, ValueError, EOFError) as error:  # truncated, refused pickle, wrong dtype, shards missing
-        reason = " ".join(str(error).split())[:160] or type(error).__name__
-        raise UserError(f"{folder} cannot be loaded: {reason}; {_REBUILD}") from None
-
-
-def decode(raw_dir: Path, spec: DatasetSpec) -> dict[str, Split]:
-    """The train and test splits of a table data set, read from the files fetch left in `raw_dir`."""
-    if spec.format == "idx":
-        return decode_idx(raw_dir, spec)
-    if spec.format == "cifar-binary":
-        return decode_cifar(raw_dir, spec)
-    raise UserError(f"data set {spec.name!r} has format {spec.format!r}, which this version cannot read")
-
-
-def preprocess(
-    dataset: str,
-    classes: list[str],
-    decoded: dict[str, Split],
-    params: PreprocessParams,
-    split_dirs: dict[str, Path],
-    meta_file: Path,
-    samples_png: Path,
-    note: str = "",
-) -> Meta:
-    """Split off validation (and test, when `decoded` has none), stratified and seeded; optionally subsample
-    training; save the splits (shards of at most `params.shard_mb`), their statistics and a preview. `note` goes into the summary line after the
-    image shape (how an "auto" setting was resolved)."""
-    train = decoded["train"]
-    splits = {}
-    if "test" in decoded:
-        splits["test"] = decoded["test"]
-    else:
-        rest, test_index = hold_out(train.labels, "test_size", params.test_size, params.seed, classes)
-        train, splits["test"] = train.subset(rest), train.subset(test_index)
-    rest, val_index = hold_out(train.labels, "val_size", params.val_size, params.seed, classes)
-    splits = {"train": train.subset(rest), "val": train.subset(val_index), **splits}
-    if params.train_subset:
-        if params.train_subset > len(rest):
-            raise UserError(
-                f"preprocess.train_subset = {params.train_subset} is more than the {len(rest)} training images"
-            )
-        _, keep = stratified_indices(splits["train"].labels, params.train_subset, params.seed)
-        splits["train"] = splits["train"].subset(keep)
-    mean, std = channel_stats(splits["train"].images)  # training split only: val and test stay unseen
-    for name, split in splits.items():
-        save_split(split, split_dirs[name], round(params.shard_mb * 10**6))
-    return summarise(dataset, classes, splits, (mean, std), meta_file, samples_png, note)
-
-
-def summarise(
-    dataset: str,
-    classes: list[str],
-    splits: dict[str, Split],
-    stats: tuple[list[float], list[float]],
-    meta_file: Path,
-    samples_png: Path,
-    note: str = "",
-) -> Meta:
-    """Write meta.json and the preview of the stored `splits`, and print the summary lines."""
-    mean, std = stats
-    train = splits["train"]
-    meta = Meta(
-        dataset=dataset,
-        classes=list(classes),
-        image_shape=list(train.images.shape[1:]),
-        mean=mean,
-        std=std,
-        sizes={name: len(splits[name]) for name in ("train", "val", "test")},
-        class_counts=dict(
-            zip(classes, torch.bincount(splits["train"].labels, minlength=len(classes)).tolist(), strict=True)
-        ),
-    )
-    meta.save(meta_file)
-    from image_classifier.plots import save_image_grid  # matplotlib: only the stage that draws pays for it
-
-    preview = splits["train"].subset(class_by_class(splits["train"].labels)[:36]).in_memory()
-    save_image_grid(
-        preview.images,
-        [classes[i] for i in preview.labels],
-        samples_png,
-        title=f"{dataset}: training images\n{describe_counts(meta.class_counts, list_each=False)}",
-    )
-    print(
-        f"{dataset}: "
-        + ", ".join(f"{name} {size}" for name, size in meta.sizes.items())
-        + f" images of {'×'.join(map(str, meta.image_shape))}{f' ({note})' if note else ''}"
-        + f"; mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}"
-    )
-    print(f"training images per class: {describe_counts(meta.class_counts)}")
-    return meta
-
-
-def class_by_class(labels: torch.Tensor) -> torch.Tensor:
-    """Indices that take the first image of each class, then the second of each, ...: a preview of the first
-    few shows every class, not only the first one of a folder sorted by class."""
-    by_class = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels)
-    first_of_class = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(labels)
-    rank[by_class] = torch.arange(len(labels)) - first_of_class[labels[by_class]]
-    return torch.argsort(rank * len(counts) + labels, stable=True)
-
-
-# A largest-to-smallest class ratio above this gets the hint to weight the loss.
-IMBALANCE_HINT_RATIO = 3
-
-
-def describe_counts(counts: dict[str, int], list_each: bool = True) -> str:
-    """`bag 120, coat 12 (10:1 unbalanced: consider train.class_weights: balanced)`, or a range when there are
-    too many classes to list on a line (or `list_each` is off)."""
-    values = list(counts.values())
-    if list_each and len(counts) <= 10:
-        text = ", ".join(f"{name} {count}" for name, count in counts.items())
-    else:
-        text = f"{len(counts)} classes, {min(values)} to {max(values)} each"
-    ratio = max(values) / max(1, min(values))
-    if ratio >= IMBALANCE_HINT_RATIO:
-        text += f" ({ratio:.0f}:1 unbalanced: consider train.class_weights: balanced)"
-    return text
+        raise UserError(f"{folder} cannot be loaded: {one_line(error)}; {_REBUILD}") from None
 
 
 def hold_out(

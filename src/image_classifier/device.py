@@ -32,6 +32,13 @@ def describe(device: torch.device) -> str:
     return device.type
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`: an accelerator runs asynchronously, so a clock read without this
+    measures only the queueing. Nothing to wait for on the CPU."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype for `train.precision`, or None for plain fp32.
 

@@ -40,6 +40,12 @@ def run_cli(main: Callable[[], None]) -> None:
         sys.exit(130)
 
 
+def one_line(error: BaseException, limit: int | None = 160) -> str:
+    """An error's message as one line of at most `limit` characters (None: all of it), or its type's name when
+    it has none: the cause a one-line message gives in parentheses."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__
+
+
 def load_failure(error: BaseException) -> str:
     """Why `torch.load(weights_only=True)` refused a file, in a few words. PyTorch's own message runs to several
     paragraphs and suggests turning the safety check off, which is the one thing not to do with a stranger's file."""

@@ -10,14 +10,18 @@ class can change only on a near-tie (reported: how far apart PyTorch's top two l
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from image_classifier import paths
 from image_classifier.errors import UserError, load_failure
 from image_classifier.files import atomic_path, save_tensors
 from image_classifier.models import ImageClassifier, build_model, predict_logits, to_float
+
+if TYPE_CHECKING:  # annotations only: `predict` imports this module and need not load data.py
+    from image_classifier.data import Split
 
 
 def save_model(path: Path, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
@@ -51,6 +55,41 @@ def onnx_metadata(config: dict[str, Any]) -> dict[str, str]:
     if "dataset" in config:
         metadata["image_classifier.dataset"] = config["dataset"]
     return metadata
+
+
+def export_formats(model: ImageClassifier, config: dict[str, Any], opset: int) -> None:
+    """The export stage's files: the plain weights, the config that rebuilds the model, the torch.export program
+    and the ONNX file converted from it."""
+    example = example_input(config)
+    save_tensors(model.state_dict(), paths.WEIGHTS_FILE)
+    with atomic_path(paths.MODEL_CONFIG) as temp:
+        temp.write_text(json.dumps(config, indent=2) + "\n")
+    # One trace of the model serves both formats.
+    program = export_program(model, example, paths.PT2_FILE)
+    export_onnx(model, example, paths.ONNX_FILE, opset, onnx_metadata(config), program)
+
+
+def check_onnx(model: ImageClassifier, test: "Split", max_logit_diff: float) -> dict[str, float]:
+    """The exported ONNX file against PyTorch on the whole `test` split: the parity metrics, written to
+    paths.EXPORT_METRICS and returned; a UserError, and no metrics file, where ONNX differs by more than
+    export.max_logit_diff."""
+    parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)
+    failure = parity_failure(parity, max_logit_diff)
+    if failure:
+        raise UserError(failure)
+    with atomic_path(paths.EXPORT_METRICS) as temp:
+        temp.write_text(json.dumps(parity, indent=2) + "\n")
+    return parity
+
+
+def export_summary(parity: dict[str, float], registered: dict[str, Any]) -> str:
+    """The export stage's closing line: how closely ONNX matched PyTorch, and the registered version."""
+    return (
+        f"ONNX vs PyTorch on {parity['onnx_checked_images']} test images: max |logit diff| "
+        f"{parity['onnx_max_abs_logit_diff']:.2e} ({parity['onnx_max_rel_logit_diff']:.1e} of the logits' scale), "
+        f"agreement {parity['onnx_prediction_agreement']:.4f}; "
+        f"registered {registered['name']} version {registered['version']} ({registered['decision']})"
+    )
 
 
 def export_onnx(

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from image_classifier import archive
 from image_classifier.datasets import CIFAR_MEMBERS, CIFAR_REQUIRED, DatasetSpec, RemoteFile
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, one_line
+from image_classifier.files import file_digest
 
 _CHUNK = 1 << 20
 _TEMP_SUFFIX = ".part"
@@ -111,10 +112,10 @@ def _fetch_file(
         try:
             _install(source, remote, target, timeout_s, unpack)
         except (*_SOURCE_ERRORS, _Rejected) as error:
-            failures.append(f"{source}: {_reason(error)}")
+            failures.append(f"{source}: {_source_failure(error)}")
             # A missing local copy is the normal case on a machine with network: not worth a line.
             if not isinstance(error, FileNotFoundError):
-                rejections.append(f"{remote.name}: rejected {source}: {_reason(error)}")
+                rejections.append(f"{remote.name}: rejected {source}: {_source_failure(error)}")
         else:
             # Worth knowing when a later source saved the day; when none does, the error lists them all.
             for rejection in rejections:
@@ -217,13 +218,11 @@ def _is_valid(path: Path, remote: RemoteFile) -> bool:
         return False
     if not path.is_file() or path.stat().st_size != remote.size:
         return False
-    with path.open("rb") as file:
-        digest = hashlib.file_digest(file, "sha256" if remote.sha256 else "md5")
-    return digest.hexdigest() == (remote.sha256 or remote.md5)
+    return file_digest(path, "sha256" if remote.sha256 else "md5") == (remote.sha256 or remote.md5)
 
 
-def _reason(error: BaseException) -> str:
-    """A short, one-line reason a source failed."""
+def _source_failure(error: BaseException) -> str:
+    """Why a source failed, in one line: what went wrong with the download or the file, in a few words."""
     if isinstance(error, urllib.error.HTTPError):
         return f"HTTP {error.code} {error.reason}"
     if isinstance(error, urllib.error.URLError):
@@ -231,13 +230,11 @@ def _reason(error: BaseException) -> str:
             return " ".join(str(error.reason).split())
         error = error.reason
     if isinstance(error, EOFError):
-        text = "truncated gzip (stream ends early)"
-    elif isinstance(error, zlib.error):
-        text = f"corrupt gzip ({error})"
-    elif isinstance(error, TimeoutError):
-        text = "timed out"
-    elif isinstance(error, OSError) and error.strerror:
-        text = error.strerror
-    else:
-        text = str(error) or type(error).__name__
-    return " ".join(text.split())
+        return "truncated gzip (stream ends early)"
+    if isinstance(error, zlib.error):
+        return f"corrupt gzip ({one_line(error, limit=None)})"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, OSError) and error.strerror:
+        return " ".join(error.strerror.split())
+    return one_line(error, limit=None)

@@ -1,6 +1,7 @@
-"""Atomic file writes: an output appears under its final name only once it is complete."""
+"""Atomic file writes (an output appears under its final name only once it is complete), and file digests."""
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -68,3 +69,10 @@ def replace_dir(new: Path, old: Path) -> None:
         os.replace(backup, old)
         raise
     shutil.rmtree(backup)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes by `algorithm` ("sha256", "md5", any name hashlib knows), read in chunks:
+    a file of any size hashes in bounded memory."""
+    with Path(path).open("rb") as file:
+        return hashlib.file_digest(file, algorithm).hexdigest()

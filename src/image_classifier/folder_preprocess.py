@@ -24,12 +24,12 @@ from image_classifier.data import (
     load_split,
     stats_from_histograms,
     stratified_indices,
-    summarise,
 )
 from image_classifier.decoding import decode_iter
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_dir
 from image_classifier.folder import read_manifest, sort_classes, warn_undecodable
+from image_classifier.preprocess import summarise
 from image_classifier.stable_shards import (
     INDEX_FILE,
     hash_rank_order,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, one_line
 
 # Refuse images that would decode to more than this many pixels (a decompression bomb exhausts memory).
 MAX_PIXELS = 40_000_000
@@ -45,11 +45,6 @@ def read_array(path: Path, channels: int | Literal["auto"], size: tuple[int, int
     return fit_array(decode_rgb_array(path, max(size)), channels, size)
 
 
-def decode_rgb(path: Path) -> torch.Tensor:
-    """The file's pixels as uint8 3×H×W RGB at full size, upright, transparent areas white."""
-    return torch.from_numpy(np.ascontiguousarray(decode_rgb_array(path).transpose(2, 0, 1)))
-
-
 def decode_rgb_array(path: Path, at_least: int | None = None) -> np.ndarray:
     """The file's pixels as uint8 H×W×3 RGB, upright, transparent areas white; a JPEG whose sides are both at
     least twice `at_least` comes at a reduced scale whose sides stay at least `at_least`."""
@@ -68,7 +63,7 @@ def decode_rgb_array(path: Path, at_least: int | None = None) -> np.ndarray:
         ValueError,
         Image.DecompressionBombError,
     ) as error:  # damage shows in decoding
-        raise UserError(f"{path}: image data is corrupt or truncated ({_reason(error)})") from None
+        raise UserError(f"{path}: image data is corrupt or truncated ({_decoder_failure(error)})") from None
 
 
 def fit_array(rgb: np.ndarray, channels: int | Literal["auto"], size: tuple[int, int]) -> np.ndarray:
@@ -81,16 +76,9 @@ def fit_array(rgb: np.ndarray, channels: int | Literal["auto"], size: tuple[int,
     return np.ascontiguousarray(_resize(rgb, (width, height)).transpose(2, 0, 1))
 
 
-def fit_image(rgb: torch.Tensor, channels: int | Literal["auto"], size: tuple[int, int]) -> torch.Tensor:
-    """`fit_array` for a uint8 3×H×W tensor."""
-    return torch.from_numpy(fit_array(np.ascontiguousarray(rgb.numpy().transpose(1, 2, 0)), channels, size))
-
-
-def is_grey(rgb: np.ndarray | torch.Tensor) -> bool:
-    """True when no pixel's red, green and blue differ by more than GREY_TOLERANCE: a grey photo saved as RGB
-    is grey too. Takes H×W×3 arrays, or 3×H×W tensors."""
-    if isinstance(rgb, torch.Tensor):
-        return bool((rgb.amax(0) - rgb.amin(0)).max() <= GREY_TOLERANCE)
+def is_grey(rgb: np.ndarray) -> bool:
+    """True when no pixel's red, green and blue (H×W×3) differ by more than GREY_TOLERANCE: a grey photo saved
+    as RGB is grey too."""
     return bool((rgb.max(2) - rgb.min(2)).max() <= GREY_TOLERANCE)
 
 
@@ -150,7 +138,9 @@ class _opened:
         except Image.DecompressionBombError:
             raise UserError(self._too_large()) from None
         except (OSError, SyntaxError) as error:
-            raise UserError(f"{path}: image data is corrupt or truncated ({_reason(error)})") from None
+            raise UserError(
+                f"{path}: image data is corrupt or truncated ({_decoder_failure(error)})"
+            ) from None
         if self.image.width * self.image.height > MAX_PIXELS:
             self.image.close()
             raise UserError(self._too_large())
@@ -163,7 +153,6 @@ class _opened:
         return f"{self.path}: image is too large (over {MAX_PIXELS:,} pixels); refusing to decode it"
 
 
-def _reason(error: BaseException) -> str:
-    """A decoder's message in a few words."""
-    text = re.sub(r"^.*?\.cpp:\d+, ", "", " ".join(str(error).split()))
-    return text[:160] or type(error).__name__
+def _decoder_failure(error: BaseException) -> str:
+    """A decoder's message in a few words, without the C++ source location some decoders begin it with."""
+    return re.sub(r"^.*?\.cpp:\d+, ", "", one_line(error, limit=None))[:160]

@@ -19,14 +19,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from image_classifier import paths
 from image_classifier.batch_predict import Decoded, Row, classify, decode_iter
 from image_classifier.errors import UserError, run_cli, warn_each
 from image_classifier.image_files import find_inputs
-from image_classifier.images import read_image
 from image_classifier.prediction_files import check_output, prediction_writer
 from image_classifier.predictors import load_predictor
 
@@ -35,12 +33,6 @@ BATCH_SIZE = 64
 # Classes per row in an --out file when --top is not given.
 FILE_TOP = 5
 MAX_LISTED = 10  # unreadable files named one by one on stderr; the rest are counted
-
-
-def load_image(path: Path, image_shape: list[int]) -> torch.Tensor:
-    """Read an image file as uint8 C×H×W of the model's shape, exactly as preprocess reads a folder data set."""
-    channels, height, width = image_shape
-    return read_image(path, channels, (height, width))
 
 
 def describe(row: Row) -> str:

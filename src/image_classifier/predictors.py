@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, one_line
 
 URI_PREFIXES = ("models:/", "runs:/")
 ONNX_CLASSES_KEY = "image_classifier.classes"  # export.onnx_metadata writes it
@@ -69,7 +69,7 @@ def _from_onnx(path: Path) -> Predictor:
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # ONNX Runtime raises its own exception types for every kind of damage
-        raise UserError(f"cannot load ONNX model {path}: {' '.join(str(error).split())[:160]}") from None
+        raise UserError(f"cannot load ONNX model {path}: {one_line(error)}") from None
     (input_,) = session.get_inputs()
     shape = input_.shape[1:]
     if not all(isinstance(size, int) for size in shape) or len(shape) != 3:
@@ -117,8 +117,7 @@ def _from_mlflow(uri: str) -> Predictor:
                 )
             module = mlflow.pytorch.load_model(uri, map_location="cpu")
     except (MlflowException, OSError) as error:
-        reason = " ".join(str(error).split())[:160]
-        raise UserError(f"cannot load {uri} from {tracking.display_uri(store)}: {reason}") from None
+        raise UserError(f"cannot load {uri} from {tracking.display_uri(store)}: {one_line(error)}") from None
     # No eval(): a torch.export program keeps the mode it was saved in (export saves it in eval mode).
     return Predictor(
         source, "torch", metadata["classes"], list(metadata["image_shape"]), _torch_logits(module)

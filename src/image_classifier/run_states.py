@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
-from image_classifier.errors import Terminated
+from image_classifier.errors import Terminated, one_line
 from image_classifier.files import atomic_path
 
 RUNNING, KILLED = RunStatus.to_string(RunStatus.RUNNING), RunStatus.to_string(RunStatus.KILLED)
@@ -33,10 +33,6 @@ EPOCH_METRIC = "train_loss"
 
 def stage_tag(stage: str) -> str:
     return f"stage.{stage}"
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:500] or type(error).__name__
 
 
 @contextmanager
@@ -51,7 +47,7 @@ def ended_honestly(stage: str, end_quickly: Quickly) -> Iterator[None]:
         _end(stage, KILLED, f"killed ({cause})", end_quickly)
         raise
     except Exception as error:
-        _end(stage, FAILED, f"failed: {_one_line(error)}", end_quickly)
+        _end(stage, FAILED, f"failed: {one_line(error, limit=500)}", end_quickly)
         raise
     mlflow.set_tag(stage_tag(stage), "finished")
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from image_classifier import params as params_module
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, one_line
 
 # data.image_size is the one key outside train.*: a trial resizes the processed images to it (tune.py).
 OTHER_KEYS = ("data.image_size",)
@@ -50,7 +50,7 @@ def load_space(path: Path, base: dict[str, Any]) -> dict[str, Dimension]:
     except OSError as error:
         raise UserError(f"cannot read the search space {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise UserError(f"{path}: not YAML ({' '.join(str(error).split())[:120]})") from None
+        raise UserError(f"{path}: not YAML ({one_line(error, limit=120)})") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{path}: must map param keys (train.lr, ...) to ranges or choices")
     return {key: _dimension(path, key, value, base) for key, value in raw.items()}

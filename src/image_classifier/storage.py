@@ -125,14 +125,12 @@ class MappedImages:
     dtype = torch.uint8
     device = torch.device("cpu")
 
-    def __init__(self, shards: Shards, index: np.ndarray | None = None, channels: int | None = None) -> None:
+    def __init__(self, shards: Shards, index: np.ndarray | None = None) -> None:
         self.shards, self.index = shards, index
-        self.channels = channels or shards.image_shape[0]  # fewer: the first channels (a grey spool of RGB)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        _, height, width = self.shards.image_shape
-        return (len(self), self.channels, height, width)
+        return (len(self), *self.shards.image_shape)
 
     @property
     def nbytes(self) -> int:
@@ -144,12 +142,7 @@ class MappedImages:
     def subset(self, indices: torch.Tensor | np.ndarray) -> "MappedImages":
         """These images at `indices`, not read yet."""
         positions = np.asarray(indices, dtype=np.int64)
-        return MappedImages(
-            self.shards, positions if self.index is None else self.index[positions], self.channels
-        )
-
-    def with_channels(self, channels: int) -> "MappedImages":
-        return MappedImages(self.shards, self.index, channels)
+        return MappedImages(self.shards, positions if self.index is None else self.index[positions])
 
     def gather(self, positions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The images at `positions`, in that order, copied into `out` (or a new array)."""
@@ -161,7 +154,7 @@ class MappedImages:
         for shard in np.unique(shard_of):
             where = shard_of == shard
             local = rows[where] - self.shards.starts[shard]
-            out[where] = self.shards.arrays[shard][local, : self.channels]
+            out[where] = self.shards.arrays[shard][local]
         return out
 
     def __getitem__(self, key: int | slice | torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any
 
 from image_classifier import params as params_module
 from image_classifier import paths
-from image_classifier.errors import UserError, run_cli
+from image_classifier.errors import UserError, one_line, run_cli
 
 # A trial is pruned when its validation accuracy falls below the median of earlier trials at the same epoch,
 # once two trials have finished, from its second epoch on (Optuna's MedianPruner; its defaults, 5 trials and
@@ -71,7 +71,7 @@ def open_study(name: str, storage: str | None, seed: int | None) -> Any:
                 time.sleep(1 + attempt)
                 continue
             raise UserError(
-                f"cannot open the study storage {storage}: {' '.join(str(error).split())[:200]}"
+                f"cannot open the study storage {storage}: {one_line(error, limit=200)}"
             ) from None
     return optuna.create_study(
         study_name=name,

@@ -7,7 +7,6 @@ a 1-channel stem in a 3-channel model, a head for another class count), and the 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ import torch
 
 from image_classifier import paths
 from image_classifier.errors import UserError, load_failure
+from image_classifier.files import file_digest
 from image_classifier.models import ImageClassifier, build_model
 
 if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
@@ -58,11 +58,6 @@ class WarmStartReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def file_sha256(path: Path) -> str:
-    with Path(path).open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -154,7 +149,7 @@ def load_initial_weights(
     report = WarmStartReport(
         source=source or str(path),
         file=str(path),
-        sha256=file_sha256(path),
+        sha256=file_digest(path),
         matched=matched,
         missing=missing,
         unexpected=unexpected,
