@@ -123,3 +123,30 @@ def test_no_module_in_src_is_over_400_lines() -> None:
 def test_no_stage_script_is_over_60_lines() -> None:
     too_long = line_counts(REPO / "stages", MAX_STAGE_LINES)
     assert not too_long, f"over {MAX_STAGE_LINES} lines: " + "; ".join(too_long)
+
+
+def test_each_stage_lists_every_module_it_imports_as_a_dvc_dependency() -> None:
+    """A module a stage imports (directly or through other modules) but dvc.yaml does not list would let `dvc
+    repro` keep a stale output after that module changed."""
+    import yaml
+
+    # Modules that decide nothing a stage writes: the params schema (params.yaml's values are tracked by key),
+    # error handling, fixed paths, run bookkeeping and atomic file writing.
+    neutral = {"errors", "params", "paths", "run_states", "files"}
+    package = import_graph(PACKAGE, "image_classifier")
+    paths = module_names(PACKAGE, "image_classifier")
+    missing = []
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        script = REPO / stage["cmd"].split()[-1]
+        todo = imported_modules("stage", script, set(package))
+        reached: set[str] = set()
+        while todo:
+            module = todo.pop()
+            reached.add(module)
+            todo |= package[module] - reached
+        deps = set(stage["deps"])
+        for module in sorted(reached - {f"image_classifier.{name}" for name in neutral}):
+            dep = str(paths[module].relative_to(REPO))
+            if dep not in deps:
+                missing.append(f"{name}: {dep}")
+    assert not missing, "dvc.yaml deps lack: " + ", ".join(missing)

@@ -70,9 +70,3 @@ def set_deterministic(enabled: bool, compiled: bool) -> None:
         torch.use_deterministic_algorithms(enabled)
     else:
         torch._C._set_deterministic_algorithms(enabled)
-
-
-def synchronize(device: torch.device) -> None:
-    """Waits for the accelerator's queued work, so a timer measures it (a CPU runs each call to its end)."""
-    if device.type != "cpu":
-        torch.accelerator.synchronize()
