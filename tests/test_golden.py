@@ -62,7 +62,13 @@ def run_case(case: str, tiny_params, folder: Path) -> TrainResult:
         return train(base, TINY_MODEL_CONFIG, train_split, val_split, cpu, checkpoint)
     if case == "convnet-ema-mixup-balanced-cosine":
         params = base.model_copy(
-            update={"ema": True, "mixup": 0.4, "class_weights": "balanced", "schedule": "cosine", "flip": True}
+            update={
+                "ema": True,
+                "mixup": 0.4,
+                "class_weights": "balanced",
+                "schedule": "cosine",
+                "flip": True,
+            }
         )
         config = {**TINY_MODEL_CONFIG, "model": "convnet", "width": 8}
         return train(params, config, train_split, val_split, cpu, checkpoint)
@@ -84,7 +90,9 @@ def run_case(case: str, tiny_params, folder: Path) -> TrainResult:
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            train(base, TINY_MODEL_CONFIG, train_split, val_split, cpu, checkpoint, interrupt_after_first_epoch)
+            train(
+                base, TINY_MODEL_CONFIG, train_split, val_split, cpu, checkpoint, interrupt_after_first_epoch
+            )
         return train(base, TINY_MODEL_CONFIG, train_split, val_split, cpu, checkpoint)
     raise ValueError(case)
 
