@@ -1,11 +1,11 @@
 """The docs check (issue 27): README.md and docs/*.md say what the code does, and cannot drift from it unnoticed.
 
 (a) docs/params.md and docs/errors.md equal what scripts/make_docs_reference.py writes now (`make docs`);
-(b) every command in a ```bash, ```sh or ```console block that can be checked offline is: `make` targets and
-    variables exist in the Makefile; `python <path>` scripts exist; `python -m <module>`, the scripts and the
-    console scripts of pyproject.toml accept the options used (read from their --help); every `dvc exp run -S`
-    sets a key params.yaml has, to a value the schema allows; `pip install name==version` pins what pyproject.toml
-    pins. Every `section.key` of params.yaml named in code anywhere in the docs exists;
+(b) every command in a ```bash, ```sh or ```console block, or in inline code, that can be checked offline is:
+    `make` targets and variables exist in the Makefile; `python <path>` scripts exist; `python -m <module>`, the
+    scripts and the console scripts of pyproject.toml accept the options used (read from their --help); every
+    `dvc exp run -S` sets a key params.yaml has, to a value the schema allows; `pip install name==version` pins
+    what pyproject.toml pins. Every `section.key` of params.yaml named in code anywhere in the docs exists;
 (c) every number the docs mark as the committed pipeline's, `0.9323<!-- reports/evaluate/metrics.json: accuracy -->`
     (the marker right after the number), is that file's value, rounded as shown;
 (d) every relative link between the pages resolves, its #anchor included.
@@ -194,7 +194,7 @@ def make_problems(args: list[str]) -> list[str]:
     targets, variables = makefile()
     problems = []
     for arg in args:
-        if arg.startswith("-"):
+        if arg.startswith("-") or "<" in arg:  # an option, or a placeholder: make <target>
             continue
         variable = arg.partition("=")[0] if "=" in arg else None
         if variable is not None and variable not in variables:
@@ -205,7 +205,7 @@ def make_problems(args: list[str]) -> list[str]:
 
 
 def python_problems(args: list[str]) -> list[str]:
-    if not args or args[0] == "-c":
+    if not args or args[0] == "-c" or "<" in args[0]:  # python -c '...', python stages/<stage>.py
         return []
     if args[0] == "-m":
         module = args[1]
@@ -264,10 +264,29 @@ def pin_problems(args: list[str]) -> list[str]:
     return problems
 
 
+INLINE_COMMAND = re.compile(r"^(make|predict|tune|python|dvc exp run|pip install)( |$)")
+
+
+def inline_commands(text: str) -> list[tuple[int, list[str]]]:
+    """Commands written in inline code in the text, `make tune TRIALS=20` or `dvc exp run -S train.lr=0.01`."""
+    found = []
+    stripped = without_blocks(text)
+    for match in INLINE_CODE.finditer(stripped):
+        if INLINE_COMMAND.match(match[1]):
+            line = stripped.count("\n", 0, match.start()) + 1
+            try:
+                tokens = shlex.split(match[1])
+            except ValueError as error:
+                tokens = ["<unparseable>", str(error), match[1]]
+            found.append((line, tokens))
+    return found
+
+
 def page_command_problems(text: str) -> list[str]:
+    """The problems of the shell blocks' commands and of the commands written in inline code."""
     return [
         f"line {line}: {' '.join(tokens)}: {problem}"
-        for line, tokens in shell_commands(text)
+        for line, tokens in shell_commands(text) + inline_commands(text)
         for problem in command_problems(tokens)
     ]
 
@@ -441,6 +460,9 @@ def test_the_checks_find_planted_mistakes(tmp_path: Path) -> None:
     ]:
         assert any(expected in problem for problem in problems), (expected, problems)
     assert page_command_problems("```text\nmake no-such-target\n```\n") == []  # not a shell block
+    assert page_command_problems("Run `make no-such-target` or `make tune`.") == [
+        "line 1: make no-such-target: make: the Makefile has no target 'no-such-target'"
+    ]
     assert param_key_problems("Set `train.no_such_key: 1`, read `train.py`.") == [
         "`train.no_such_key` is not a key of params.yaml"
     ]
