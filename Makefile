@@ -36,7 +36,7 @@ EXAMPLE_DEST ?= data/images
 EXAMPLE_COUNT ?= 300
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-team setup-test repro test test-fast lint format bench bench-predict bench-timm ui team-server serve predict example-folder tune pretrained clean
+.PHONY: help setup setup-team setup-test repro test test-fast lint format bench bench-predict bench-timm ui team-server serve predict example-folder tune pretrained docs clean
 
 help: ## List the common commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -99,6 +99,9 @@ tune: $(if $(filter postgresql%,$(STORAGE)),setup-team,setup) ## Hyperparameter 
 
 pretrained: setup ## Download timm weights into ~/.cache/image-classifier (ARCH="timm:resnet18 timm:convnext_nano")
 	python scripts/fetch_pretrained.py $(ARCH)
+
+docs: setup-test ## Regenerate docs/params.md and docs/errors.md (from params.py, params.yaml, tests/test_faults.py)
+	python scripts/make_docs_reference.py
 
 clean: ## Remove pipeline outputs from the workspace (the DVC cache and mlruns/ stay)
 	rm -rf data/processed data/raw data/resume models reports/*/*.png
