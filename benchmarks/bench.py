@@ -2,7 +2,7 @@
 
     make bench                      # or: python benchmarks/bench.py [--skip-tutorial] [--rounds 3]
     python benchmarks/bench.py --data-scale    # opt-in: data bigger than memory (benchmarks/data_scale.py)
-    python benchmarks/bench.py --gpu --data data/raw [--out table.md]   # the GPU table (README: On a GPU)
+    python benchmarks/bench.py --gpu --data data/raw [--out table.md]   # the GPU table (docs/scaling.md, On a GPU)
 
 Prints a markdown table. Every measurement runs in a fresh child process (same start-up for each, and the
 child's peak memory is read from the OS; the GPU mode runs in one process, see its section below); run it on an
@@ -442,7 +442,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--gpu",
         action="store_true",
-        help="the GPU table, in one process, on a bare machine with torch (README: On a GPU); --device cpu "
+        help="the GPU table, in one process, on a bare machine with torch (docs/scaling.md, On a GPU); --device cpu "
         "runs its code path on a subset",
     )
     parser.add_argument("--data", default=str(REPO / "data/raw"), help="--gpu: the four IDX files' folder")

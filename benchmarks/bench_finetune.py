@@ -81,7 +81,7 @@ def run_row(folder: Path, overrides: dict, image_size: int | str = "auto", seed:
     with tempfile.TemporaryDirectory() as scratch:
         model = params.train.model if params.train.model != "auto" else "convnet"
         copy_image_folder(folder, Path(scratch) / "raw")
-        size = resolve_image_size(params.data.image_size, model)
+        size = resolve_image_size(params.data.image_size, model, Path(scratch) / "raw")
         classes, splits = decode_folder(Path(scratch) / "raw", size, params.data.channels)
         count = split_size("val_size", params.preprocess.val_size, len(splits["train"]))
         rest, held = stratified_indices(splits["train"].labels, count, 0, min_per_class=1)

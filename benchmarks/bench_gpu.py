@@ -196,7 +196,7 @@ class Table:
 
 
 def main(args: argparse.Namespace) -> None:
-    """The GPU table (README, "On a GPU"): the tutorial against our loop, time to 94% test accuracy, the best
+    """The GPU table (docs/scaling.md, "On a GPU"): the tutorial against our loop, time to 94% test accuracy, the best
     accuracy within 60 s, each compile mode, and peak GPU memory per row."""
     clock = time.monotonic()
     # Compile times are cold, each mode from scratch, as on a fresh machine: inductor's caches off.

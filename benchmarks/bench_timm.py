@@ -9,7 +9,7 @@ Rows (a markdown table, the machine first):
   precision, no augmentation in either, no validation); each in its own child process;
 - a fine-tune of `timm:resnet18` from random weights on a folder of 2,000 real images (Fashion-MNIST test images
   as PNGs, 10 classes, `make example-folder`), through `dvc repro`: its time and test accuracy. On a machine with
-  internet the same run with `train.pretrained: default` is the headline: see the README.
+  internet the same run with `train.pretrained: default` is the headline: see docs/fine-tuning.md.
 
 timm's train.py is not in timm's wheel: get it from the timm release you have installed,
 `curl -LO https://raw.githubusercontent.com/huggingface/pytorch-image-models/v1.0.31/train.py`.

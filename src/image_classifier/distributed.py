@@ -40,7 +40,7 @@ def launch_args(processes: int, nodes: int, env: Mapping[str, str]) -> list[str]
         raise UserError(
             f"train.nodes = {nodes} needs {' and '.join(missing)} in the environment: PET_NODE_RANK is this "
             "machine's number (0 on the one that runs dvc repro), PET_MASTER_ADDR node 0's address "
-            "(README: On several machines)"
+            "(docs/scaling.md, On several machines)"
         )
     launcher_nodes = env.get("PET_NNODES", "")
     if launcher_nodes.isdigit() and int(launcher_nodes) != nodes:

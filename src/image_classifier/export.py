@@ -1,7 +1,7 @@
 """Export formats for a trained model, and the check that ONNX computes what PyTorch computes.
 
 What parity means: ONNX Runtime and PyTorch run the same float arithmetic in another order, so their logits
-differ by float noise that grows with the network's depth and the size of its activations (measured, README
+differ by float noise that grows with the network's depth and the size of its activations (measured: docs/benchmarks.md
 "Export": under 1e-6 of the logits' scale for our CNN, ResNet, ViT and EfficientNet-Lite0). An absolute
 tolerance made for a small CNN fails a correct export of a larger model; so the check judges what a deployment
 sees: the logit gap relative to the logits' scale and the gap in probabilities; with those bounded, a predicted

@@ -144,7 +144,7 @@ CENTRED_DATASETS = frozenset({"fashion-mnist", "mnist", "kmnist"})
 
 
 # The cnn that model_config builds (SmallCNN's defaults stay the layout older model files were saved with).
-# Fashion-MNIST, 12 epochs, test accuracy over seeds 0, 1, 2, 2-core Intel Xeon with AMX (README, Speed): the
+# Fashion-MNIST, 12 epochs, test accuracy over seeds 0, 1, 2, 2-core Intel Xeon with AMX (docs/benchmarks.md): the
 # earlier default (patchify stem, one conv per group, width 20) 0.9276 at seed 0; this layout at width 16
 # 0.9309, 0.9334, 0.9330 in 2.9-3.2 s an epoch; a 3x3 convolution and max pooling at full resolution as the stem
 # instead 0.9314, 0.9312, 0.9352 in 4.1-4.5 s an epoch (max pooling of the 28x28 map was a third of the step).

@@ -25,13 +25,13 @@ MIN_AUTO_BATCH = 16
 # `epochs: auto` never trains fewer epochs than this, however large the data set...
 MIN_AUTO_EPOCHS = 3
 # ...nor more than this, however small: train.target_steps on a few hundred images meant hundreds of passes over
-# the same images. Measured with the convnet (one seed, test accuracy; README, what the defaults do): 990
+# the same images. Measured with the convnet (one seed, test accuracy; docs/benchmarks.md): 990
 # Fashion-MNIST PNGs 0.8194 / 0.8348 / 0.8433 at 30 / 60 / 120 epochs, 200 of them 0.75 / 0.825 / 0.775.
 MAX_AUTO_EPOCHS = 60
 # `crop_padding: auto` translates convnet's images from this size up (see plan_training).
 SHIFT_FROM = 16
 # Pretrained weights start near a good solution: fine-tuning aims for this share of train.target_steps.
-# A choice, not a measurement: this machine cannot download published weights to measure it (README).
+# A choice, not a measurement: this machine cannot download published weights to measure it (docs/fine-tuning.md).
 FINE_TUNE_STEP_SHARE = 0.2
 # What `auto` stands for per optimiser: SGD's values were tuned for cnn on Fashion-MNIST; AdamW's are timm's
 # fine-tuning values (lr 1e-3 for the new classifier, weight decay 0.05).
@@ -89,7 +89,7 @@ def plan_training(
     if crop_padding == "auto":
         # A network that pools globally is meant for objects anywhere in the frame: teach it with shifts of
         # up to 1/8 of the image. cnn and mlp read fixed positions of centred images; shifts cost them accuracy
-        # in short runs (README, speed). Photo augmentation crops instead.
+        # in short runs (docs/benchmarks.md). Photo augmentation crops instead.
         # Below SHIFT_FROM pixels a shift of even one pixel moves a large share of the object out of the
         # frame: 8-pixel digits lost 2 points of test accuracy (0.9666 against 0.9861 without).
         shifts = model == "convnet" and augment == "basic" and image_size >= SHIFT_FROM
@@ -138,7 +138,7 @@ def _batch_and_lr(params: TrainParams, num_samples: int, lr: float, notes: list[
         batch_size = min(batch_size, num_samples)
         if batch_size != REFERENCE_BATCH:
             # Square-root scaling keeps the noise of a step about constant; linear scaling (Goyal et al.)
-            # was too timid for batches of 16 on a few hundred images (measured: README, small folders).
+            # was too timid for batches of 16 on a few hundred images (measured: docs/benchmarks.md).
             scaled = lr * math.sqrt(batch_size / REFERENCE_BATCH)
             notes.append(
                 f"train.batch_size auto: {batch_size} ({num_samples} training images, at least "
