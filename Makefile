@@ -36,7 +36,7 @@ EXAMPLE_DEST ?= data/images
 EXAMPLE_COUNT ?= 300
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-team setup-test repro test test-fast lint format bench bench-predict bench-timm ui team-server serve predict example-folder tune pretrained docs clean
+.PHONY: help setup setup-bench setup-team setup-test repro test test-fast lint format bench bench-predict bench-timm ui team-server serve predict example-folder tune pretrained docs clean
 
 help: ## List the common commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -62,9 +62,13 @@ lint: setup-test ## Check style with ruff
 format: setup-test ## Reformat the code with ruff
 	ruff format . && ruff check --fix .
 
-bench: setup ## Measure speed against the PyTorch quickstart, then predict's throughput; prints markdown tables
+bench: setup-bench ## Measure speed against the PyTorch quickstart, predict's throughput, fine-tuning; markdown tables
 	python benchmarks/bench.py
 	python benchmarks/bench_predict.py
+	python benchmarks/bench_finetune.py
+
+setup-bench: ## Install what `make bench` needs as well (real ImageNet weights for the fine-tuning rows)
+	@scripts/setup.sh bench
 
 bench-predict: setup ## predict's images per second: PyTorch against ONNX Runtime, decoding apart and included
 	python benchmarks/bench_predict.py

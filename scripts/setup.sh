@@ -2,6 +2,7 @@
 # Set up a fresh machine: system packages (Debian, as root), then the project's virtual environment.
 #   scripts/setup.sh pipeline   what `make repro` needs: Fashion-MNIST from Debian, the venv
 #   scripts/setup.sh team       also what `make team-server` needs: logins and PostgreSQL's driver (extra [team])
+#   scripts/setup.sh bench      also what `make bench` needs: real ImageNet weights for its fine-tuning rows
 #   scripts/setup.sh test       also what the tests need: Chromium for the browser test, PostgreSQL for the
 #                               team-server test (started by the tests, as an unprivileged user), test extras
 set -euo pipefail

@@ -250,8 +250,30 @@ def test_the_model_config_takes_the_weights_normalisation(tiny_params, tmp_path:
 # --- fine-tuning ------------------------------------------------------------------------------------------------
 
 
+def test_fine_tuning_auto_trains_everything_from_the_start_at_the_measured_lr(tiny_params) -> None:
+    params = tiny_params.train.model_copy(
+        update={"model": "timm:test_resnet", "epochs": 3, "batch_size": 256}
+    )
+    plan = plan_training(params, 1000, model="timm:test_resnet", pretrained=True)
+    assert (plan.optimizer, plan.lr, plan.freeze_epochs, plan.backbone_lr_scale) == ("adamw", 8e-3, 0, 1.0)
+    random_start = plan_training(params, 1000, model="timm:test_resnet", pretrained=False)
+    assert (random_start.lr, random_start.freeze_epochs, random_start.backbone_lr_scale) == (1e-3, 0, 1.0)
+    small = plan_training(params, 1000, image_size=64, model="timm:test_resnet", pretrained=True)
+    large = plan_training(params, 1000, image_size=224, model="timm:test_resnet", pretrained=True)
+    assert (small.augment, large.augment) == ("basic", "photo")  # a crop of 8% of 64 pixels leaves too little
+
+
 def test_the_backbone_learns_slower_and_norms_and_biases_get_no_decay(tiny_params) -> None:
-    params = tiny_params.train.model_copy(update={"model": "timm:test_resnet", "epochs": 3, "batch_size": 16})
+    params = tiny_params.train.model_copy(
+        update={
+            "model": "timm:test_resnet",
+            "epochs": 3,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "freeze_epochs": 1,
+            "backbone_lr_scale": 0.1,
+        }
+    )
     plan = plan_training(params, 100, model="timm:test_resnet", pretrained=True)
     assert (plan.optimizer, plan.lr, plan.freeze_epochs, plan.backbone_lr_scale) == ("adamw", 1e-3, 1, 0.1)
     model = build_model(config())
@@ -262,8 +284,6 @@ def test_the_backbone_learns_slower_and_norms_and_biases_get_no_decay(tiny_param
         assert all((id(p) in head) != group["backbone"] for p in group["params"])
         assert all((p.ndim > 1) == (group["weight_decay"] > 0) for p in group["params"])
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    random_start = plan_training(params, 100, model="timm:test_resnet", pretrained=False)
-    assert (random_start.freeze_epochs, random_start.backbone_lr_scale) == (0, 1.0)
 
 
 def test_freezing_stops_gradients_at_the_classifier(tiny_params) -> None:
@@ -293,6 +313,7 @@ def test_a_frozen_epoch_trains_only_the_classifier_then_everything(tiny_params, 
             "pretrained": str(path),
             "epochs": 1,
             "batch_size": 32,
+            "freeze_epochs": 1,
             "precision": PRECISION,
         }
     )
@@ -324,6 +345,7 @@ def test_a_timm_model_resumes_bit_identically_across_the_unfreezing(tiny_params,
             "epochs": 3,
             "batch_size": 32,
             "mixup": 0.4,
+            "freeze_epochs": 1,
             "precision": PRECISION,
         }
     )

@@ -377,16 +377,23 @@ def test_image_size_auto_is_the_small_models_size() -> None:
 
 
 @pytest.mark.parametrize(
-    ("sides", "expected"),
+    ("sides", "expected", "timm_expected"),
     [
-        ([(8, 8)] * 5, 8),  # tiny images stay tiny: never enlarged
-        ([(14, 14)] * 3 + [(300, 200)] * 2, 14),  # the median, not the largest
-        ([(500, 375)] * 4, 64),  # photos: at most 64 for our networks
-        ([(5, 5)] * 3, 8),  # below what the networks take: 8
-        ([(60, 20)] * 3, 20),  # the shorter side
+        ([(8, 8)] * 5, 8, 64),  # tiny images stay tiny: never enlarged (timm: to its floor)
+        ([(14, 14)] * 3 + [(300, 200)] * 2, 14, 64),  # the median, not the largest
+        (
+            [(500, 375)] * 4,
+            64,
+            224,
+        ),  # photos: at most 64 for our networks, the architecture's size for timm's
+        ([(5, 5)] * 3, 8, 64),  # below what the networks take: 8
+        ([(60, 20)] * 3, 20, 64),  # the shorter side
+        ([(160, 120)] * 3, 64, 120),  # timm: the images' own size between the floor and the architecture's
     ],
 )
-def test_image_size_auto_follows_the_folders_images(tmp_path: Path, sides: list, expected: int) -> None:
+def test_image_size_auto_follows_the_folders_images(
+    tmp_path: Path, sides: list, expected: int, timm_expected: int
+) -> None:
     root = tmp_path / "images"
     for index, (width, height) in enumerate(sides):
         for label in ("a", "b"):
@@ -395,7 +402,7 @@ def test_image_size_auto_follows_the_folders_images(tmp_path: Path, sides: list,
     copy_image_folder(root, tmp_path / "raw")
     assert resolve_image_size("auto", "convnet", tmp_path / "raw") == expected
     assert resolve_image_size(32, "convnet", tmp_path / "raw") == 32
-    assert resolve_image_size("auto", "timm:resnet18", tmp_path / "raw") == 224
+    assert resolve_image_size("auto", "timm:resnet18", tmp_path / "raw") == timm_expected
 
 
 def test_preprocess_stage_resolves_auto_and_says_what_it_chose(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -73,7 +73,7 @@ def run_case(case: str, tiny_params, folder: Path) -> TrainResult:
         config = {**TINY_MODEL_CONFIG, "model": "convnet", "width": 8}
         return train(params, config, train_split, val_split, cpu, checkpoint)
     if case == "timm-frozen-first-epoch":
-        params = base.model_copy(update={"freeze_epochs": 1, "backbone_lr_scale": 0.1})
+        params = base.model_copy(update={"freeze_epochs": 1, "backbone_lr_scale": 0.1, "augment": "photo"})
         return train(params, timm_config(), split(300, 1, 3), split(100, 2, 3), cpu, checkpoint)
     if case == "streamed":
         for name, data in (("train", train_split), ("val", val_split)):

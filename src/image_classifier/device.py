@@ -1,6 +1,7 @@
 """The one place that decides which device and numeric precision training uses."""
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -39,11 +40,15 @@ def synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize()
 
 
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+def autocast_dtype(
+    device: torch.device, precision: str, model: torch.nn.Module | None = None
+) -> torch.dtype | None:
     """The autocast dtype for `train.precision`, or None for plain fp32.
 
     `auto` uses bf16 on accelerators and on CPUs with native bf16 (AVX512-BF16/AMX); on other CPUs bf16
-    convolutions are emulated and run about 10x slower than fp32, so `auto` keeps fp32 there.
+    convolutions are emulated and run about 10x slower than fp32, so `auto` keeps fp32 there. On a CPU without
+    AMX, `auto` also keeps fp32 for a `model` with depthwise convolutions: EfficientNet-Lite0 trained 1.75x faster
+    in fp32 than in bf16 on a 2-core AMD EPYC with AVX512-BF16 (docs/benchmarks.md, fine-tuning).
     """
     if precision == "fp32":
         return None
@@ -51,7 +56,25 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
         return torch.bfloat16
     if device.type != "cpu":
         return torch.bfloat16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    if model is not None and has_depthwise_convolutions(model) and not cpu_has_amx():
+        return None
+    return torch.bfloat16
+
+
+def has_depthwise_convolutions(model: torch.nn.Module) -> bool:
+    return any(
+        isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules()
+    )
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX's bf16 tiles (Intel Xeon from Sapphire Rapids on), as Linux reports it."""
+    try:
+        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def set_threads(threads: int, processes: int = 1) -> None:

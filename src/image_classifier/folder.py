@@ -253,24 +253,31 @@ def sort_classes(labels: set[str]) -> list[str]:
 # the pixels for nothing the images hold.
 MAX_AUTO_IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 8
+# For timm models, the images' own size too, but at most the architecture's input size and at least this: their
+# stems downsample 32 times, so 64 pixels leave a 2x2 map. Fashion-MNIST's 28-pixel images at 224 (the weights'
+# size) cost 12 times 64's per epoch on the 2-core CPU (docs/benchmarks.md, fine-tuning).
+MIN_TIMM_AUTO_IMAGE_SIZE = 64
 # Image headers read to find the median size: enough for a stable median, cheap on a million-image folder.
 SIZE_SAMPLE = 1_000
 
 
 def resolve_image_size(image_size: int | Literal["auto"], model: str, raw_dir: Path | None = None) -> int:
-    """`data.image_size` in pixels. "auto" is a timm architecture's pretrained input size (224 for most); for our
-    own networks the median shorter side of the folder's images in `raw_dir` (read from the file headers of up to
-    SIZE_SAMPLE of them), kept within 8..64 pixels. (So preprocess in dvc.yaml lists train.model.)"""
+    """`data.image_size` in pixels. "auto" is the median shorter side of the folder's images in `raw_dir` (read
+    from the file headers of up to SIZE_SAMPLE of them), never enlarged beyond it but to a floor: within 8..64
+    pixels for our own networks, within 64..the architecture's pretrained input size (224 for most) for timm's.
+    (So preprocess in dvc.yaml lists train.model.)"""
     if image_size != "auto":
         return image_size
     from image_classifier import backbones
 
-    if backbones.is_timm(model):
-        return backbones.input_size(model)
-    if raw_dir is None:
-        return MAX_AUTO_IMAGE_SIZE
-    median = median_shorter_side(raw_dir)
-    return max(MIN_IMAGE_SIZE, min(MAX_AUTO_IMAGE_SIZE, median)) if median else MAX_AUTO_IMAGE_SIZE
+    timm = backbones.is_timm(model)
+    low, high = (
+        (MIN_TIMM_AUTO_IMAGE_SIZE, backbones.input_size(model))
+        if timm
+        else (MIN_IMAGE_SIZE, MAX_AUTO_IMAGE_SIZE)
+    )
+    median = median_shorter_side(raw_dir) if raw_dir is not None else 0
+    return max(low, min(high, median)) if median else high
 
 
 def median_shorter_side(raw_dir: Path) -> int:
@@ -296,11 +303,15 @@ def auto_note(image_size: int | str, channels: int | str, images: torch.Tensor, 
 
     notes = []
     if image_size == "auto":
-        why = (
-            f"{model}'s input size"
+        low, high = (
+            (MIN_TIMM_AUTO_IMAGE_SIZE, f"{model}'s input size")
             if is_timm(model)
-            else f"the images' median shorter side, within {MIN_IMAGE_SIZE}..{MAX_AUTO_IMAGE_SIZE}"
+            else (
+                MIN_IMAGE_SIZE,
+                MAX_AUTO_IMAGE_SIZE,
+            )
         )
+        why = f"the images' median shorter side, within {low}..{high}"
         notes.append(f"data.image_size auto: {images.shape[-1]} ({why})")
     if channels == "auto":
         why = "every image is grey" if images.shape[1] == 1 else "some images are in colour"

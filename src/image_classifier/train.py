@@ -9,6 +9,7 @@ optimiser step), train_epoch.py (one epoch and validation), reports.py (what a f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class TrainResult:
     compile_seconds: float = 0.0
     warm_start: WarmStartReport | None = None
     stopped_early: bool = False
+    precision: str = "fp32"  # what training ran in: train.precision with auto resolved
 
 
 def train(
@@ -87,7 +89,9 @@ def train(
     data_mode = choose_mode(params.data_in_memory, [train_split, val_split], device, world)
     if lead:
         _report_start(data_mode, state, checkpoint_path, on_epoch)
-    dtype = autocast_dtype(device, params.precision)
+    dtype = autocast_dtype(device, params.precision, state.model)
+    if lead and params.precision == "auto":
+        print(f"train.precision auto: {'bf16' if dtype else 'fp32'} on {device.type}")
     step = TrainStep(params, plan, state, model_config, train_split.labels, device, dtype, rank, world)
     train_batches, val_batches = (
         batch_source(s, device, data_mode.in_memory) for s in (train_split, val_split)
@@ -109,7 +113,8 @@ def train(
             if lead:
                 print(state.selection.stop_line(epoch))
             break
-    return _result(state, plan, checkpoint, data_mode, epochs.compile_seconds, stopped_early)
+    result = _result(state, plan, checkpoint, data_mode, epochs.compile_seconds, stopped_early)
+    return dataclasses.replace(result, precision="bf16" if dtype else "fp32")
 
 
 def _report_start(

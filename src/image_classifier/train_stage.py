@@ -101,6 +101,7 @@ def train_and_track(
                 "width": config["width"],
                 **dataclasses.asdict(result.plan),
                 "stopped_early": result.stopped_early,
+                "precision": result.precision,
                 "data_in_memory": result.data_mode.in_memory,
                 "data_mode": result.data_mode.line,
             }
