@@ -151,6 +151,7 @@ def _check_uri(uri: str, store: str) -> str:
     from mlflow.exceptions import MlflowException
 
     from image_classifier.tracking import display_uri
+    from image_classifier.tracking.registry import registered_version
 
     client, shown = MlflowClient(store, store), display_uri(store)
     run = re.fullmatch(r"runs:/([0-9a-f]+)/(.+)", uri)
@@ -166,20 +167,7 @@ def _check_uri(uri: str, store: str) -> str:
             f"--model {uri}: write models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model"
         )
     name, alias, version = registered.groups()
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        known = [found.name for found in client.search_registered_models(max_results=20)]
-        raise UserError(
-            f"{uri}: no registered model '{name}' in {shown}; known: {', '.join(known) or 'none'}"
-        ) from None
+    number = registered_version(client, shown, name, alias, version, uri)
     if alias:
-        if alias not in model.aliases:
-            aliases = ", ".join(f"@{a}" for a in sorted(model.aliases)) or "none"
-            raise UserError(f"{uri}: model '{name}' has no alias '{alias}'; its aliases: {aliases}")
-        return f"{uri} = version {model.aliases[alias]}"
-    versions = sorted(int(found.version) for found in client.search_model_versions(f"name = '{name}'"))
-    if int(version) not in versions:
-        listed = ", ".join(map(str, versions)) or "none"
-        raise UserError(f"{uri}: model '{name}' has no version {version}; its versions: {listed}")
+        return f"{uri} = version {number}"
     return uri

@@ -144,7 +144,7 @@ def download_registered_weights(uri: str, params: TrackingParams, folder: Path) 
     client = MlflowClient()
     try:
         with quick_requests():
-            version = _registered_version(client, store, name, alias, version)
+            version = registered_version(client, store, name, alias, version, "train.init_from")
     except (MlflowException, OSError) as error:
         raise UserError(
             f"train.init_from: cannot use the MLflow store {store} ({request_failure(error)})"
@@ -161,11 +161,11 @@ def download_registered_weights(uri: str, params: TrackingParams, folder: Path) 
     return Path(path), f"{name} version {version}"
 
 
-def _registered_version(
-    client: MlflowClient, store: str, name: str, alias: str | None, version: str | None
+def registered_version(
+    client: MlflowClient, store: str, name: str, alias: str | None, version: str | None, asked_by: str
 ) -> str:
     """The version number `alias` points at, or `version` once checked to exist; a model, alias or version the
-    store lacks is a UserError that lists what it has."""
+    store lacks is a UserError, beginning with `asked_by` (what named it), that lists what the store has."""
     try:
         registered = client.get_registered_model(name)
     except MlflowException as error:
@@ -173,17 +173,17 @@ def _registered_version(
             raise
         known = [model.name for model in client.search_registered_models(max_results=20)]
         raise UserError(
-            f"train.init_from: no registered model '{name}' in {store}; known: {', '.join(known) or 'none'}"
+            f"{asked_by}: no registered model '{name}' in {store}; known: {', '.join(known) or 'none'}"
         ) from None
     if alias:
         if alias not in registered.aliases:
             aliases = ", ".join(f"@{a}" for a in sorted(registered.aliases)) or "none"
-            raise UserError(f"train.init_from: model '{name}' has no alias '{alias}'; its aliases: {aliases}")
+            raise UserError(f"{asked_by}: model '{name}' has no alias '{alias}'; its aliases: {aliases}")
         return str(registered.aliases[alias])
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     if int(version) not in versions:
         raise UserError(
-            f"train.init_from: model '{name}' has no version {version}; "
+            f"{asked_by}: model '{name}' has no version {version}; "
             f"its versions: {', '.join(map(str, versions)) or 'none'}"
         )
     return version
