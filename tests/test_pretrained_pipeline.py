@@ -63,13 +63,8 @@ def test_fine_tune_from_a_local_file_through_every_stage(tmp_path: Path) -> None
     assert result.data.tags["pretrained.sha256"] == sha256
     assert result.data.tags["pretrained.source"] == str(tmp_path / "resnet18.safetensors")
     assert result.data.params["train.model"] == "timm:resnet18"
-    assert (
-        result.data.params["resolved.freeze_epochs"],
-        result.data.params["resolved.backbone_lr_scale"],
-    ) == (
-        "1",
-        "0.1",
-    )
+    resolved = {key: result.data.params[f"resolved.{key}"] for key in ("freeze_epochs", "backbone_lr_scale")}
+    assert resolved == {"freeze_epochs": "0", "backbone_lr_scale": "1.0"}  # fine-tuning's auto (plan.py)
     assert result.data.params["resolved.optimizer"] == "adamw"
     config = json.loads((repo / "models/export/config.json").read_text())
     assert config["mean"] == list(timm.models.get_pretrained_cfg("resnet18").mean)  # the weights' statistics
