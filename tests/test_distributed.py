@@ -148,6 +148,6 @@ def test_several_machines_need_their_node_rank_and_rendezvous(repo: Path) -> Non
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
         "error: train.nodes = 2 needs PET_NODE_RANK and PET_MASTER_ADDR in the environment: PET_NODE_RANK is this "
-        "machine's number (0 on the one that runs dvc repro), PET_MASTER_ADDR node 0's address (README: On several "
-        "machines)"
+        "machine's number (0 on the one that runs dvc repro), PET_MASTER_ADDR node 0's address (docs/scaling.md, "
+        "On several machines)"
     )
