@@ -32,7 +32,7 @@ from common import (
     table_row,
     train_flags,
 )
-from repository import REPO, command_timer, copy_repository
+from repository import REPO, command_timer, copy_repository, init_repository
 
 THRESHOLDS = (0.90, 0.91, 0.92)
 
@@ -164,8 +164,7 @@ def small_folder_pipeline(device_name: str, count: int = 200) -> dict:
         repo = copy_repository(Path(scratch) / "repo")
         command = command_timer(repo)
 
-        command("git", "init", "-q")
-        command("dvc", "init", "-q", "-f")
+        init_repository(command)
         sources = ["--source", str(REPO / "data/raw"), "--source", "/usr/share/datasets/fashion-mnist"]
         command(sys.executable, "scripts/make_example_folder.py", "--count", str(count), *sources)
         params = (repo / "params.yaml").read_text()

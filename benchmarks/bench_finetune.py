@@ -113,15 +113,12 @@ def run_row(folder: Path, overrides: dict, image_size: int | str = "auto", seed:
 
 def run_whole(folder: Path, overrides: dict, image_size: int | str = "auto") -> dict:
     """One `dvc exp run` with data.* and `overrides` (train.*) set, in a fresh copy of the repository."""
-    from repository import command_timer, copy_repository
+    from repository import command_timer, copy_repository, init_repository
 
     with tempfile.TemporaryDirectory() as scratch:
         repo = copy_repository(Path(scratch) / "repo")
         run = command_timer(repo)
-        run("git", "init", "-q")
-        run("dvc", "init", "-q", "-f")
-        run("git", "add", "-A")
-        run("git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench")
+        init_repository(run, commit=True)
         values = {k: str(lite0_file()) if v == "<lite0>" else v for k, v in overrides.items()}
         sets = [f"train.{key}={value}" for key, value in values.items()]
         sets += ["data.dataset=folder", f"data.path={folder}", f"data.image_size={image_size}"]

@@ -31,3 +31,13 @@ def command_timer(repo: Path) -> Callable[..., float]:
         return time.perf_counter() - started
 
     return run
+
+
+def init_repository(run: Callable[..., float], commit: bool = False) -> None:
+    """Make the copy a git and DVC repository with `run` (a command_timer), and commit its files when asked
+    (`dvc exp run` needs a commit to start from)."""
+    run("git", "init", "-q")
+    run("dvc", "init", "-q", "-f")
+    if commit:
+        run("git", "add", "-A")
+        run("git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench")

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from repository import REPO, command_timer, copy_repository
+from repository import REPO, command_timer, copy_repository, init_repository
 
 # Each set: the arguments of scripts/make_example_folder.py that build it.
 SETS = {
@@ -35,10 +35,7 @@ def pipeline_and_baseline(name: str, device: str) -> dict:
         images = Path(scratch) / "images"  # outside the repository, as a user's folder would be
         sources = ["--source", str(REPO / "data/raw"), "--source", "/usr/share/datasets/fashion-mnist"]
         run(sys.executable, "scripts/make_example_folder.py", "--dest", str(images), *SETS[name], *sources)
-        run("git", "init", "-q")
-        run("dvc", "init", "-q", "-f")
-        run("git", "add", "-A")
-        run("git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench")
+        init_repository(run, commit=True)
         overrides = ["-S", "data.dataset=folder", "-S", f"data.path={images}", "-S", f"train.device={device}"]
         seconds = run("dvc", "exp", "run", *overrides)
         train = json.loads((repo / "reports/train/metrics.json").read_text())

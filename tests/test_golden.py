@@ -22,6 +22,7 @@ from conftest import TINY_MODEL_CONFIG, learnable_images
 
 from image_classifier import backbones
 from image_classifier.data import Split, save_split
+from image_classifier.device import cpu_has_amx
 from image_classifier.train import TrainResult, train
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "training.json"
@@ -30,8 +31,7 @@ CROSS_MACHINE_TOLERANCE = 1e-3
 
 
 def machine_type() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    amx = "amx" if " amx_bf16" in flags else "noamx"
+    amx = "amx" if cpu_has_amx() else "noamx"
     return f"torch-{torch.__version__}-{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}-{amx}"
 
 

@@ -57,7 +57,7 @@ def load_failure(error: BaseException) -> str:
         return "not a file torch.save wrote (or damaged)"
     if "PytorchStreamReader" in text or isinstance(error, EOFError):
         return "truncated or damaged (not a complete torch.save file)"
-    return f"{type(error).__name__}: {' '.join(text.split())[:160]}"
+    return f"{type(error).__name__}: {one_line(error)}"
 
 
 def warn_each(header: str, lines: list[str], limit: int, more: str = "") -> None:

@@ -9,7 +9,6 @@ optimiser step), train_epoch.py (one epoch and validation), reports.py (what a f
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +112,7 @@ def train(
             if lead:
                 print(state.selection.stop_line(epoch))
             break
-    result = _result(state, plan, checkpoint, data_mode, epochs.compile_seconds, stopped_early)
-    return dataclasses.replace(result, precision="bf16" if dtype else "fp32")
+    return _result(state, plan, checkpoint, data_mode, epochs.compile_seconds, stopped_early, dtype)
 
 
 def _report_start(
@@ -137,6 +135,7 @@ def _result(
     data_mode: DataMode,
     compile_seconds: float,
     stopped_early: bool,
+    dtype: torch.dtype | None,
 ) -> TrainResult:
     kept = state.selection.state
     return TrainResult(
@@ -150,4 +149,5 @@ def _result(
         compile_seconds=compile_seconds,
         warm_start=state.warm_start,
         stopped_early=stopped_early,
+        precision="bf16" if dtype else "fp32",
     )
