@@ -8,8 +8,11 @@ from image_classifier.errors import run_cli
 def main() -> None:
     params = params_module.load()
     # Heavy imports (torch, MLflow) only once params are valid: a typo fails in a fraction of a second.
+    import torch
+
     from image_classifier import paths, tracking
     from image_classifier.data import load_split
+    from image_classifier.device import inference_batch_size
     from image_classifier.evaluate import evaluate, flat_metrics
     from image_classifier.export import load_model
 
@@ -18,6 +21,10 @@ def main() -> None:
     with tracking.resume_run(paths.RUN_FILE, "evaluate"):
         model, config = load_model(paths.MODEL_FILE)
         test = load_split(paths.SPLIT_DIRS["test"])
+        batch_size = inference_batch_size(torch.device("cpu"), params.evaluate.batch_size)
+        if params.evaluate.batch_size == "auto":
+            print(f"evaluate.batch_size auto: {batch_size} images per forward pass on the cpu")
+            tracking.log_resolved({"evaluate.batch_size": batch_size})
         outputs = {
             "metrics": paths.EVAL_METRICS,
             "predictions": paths.PREDICTIONS_CSV,
@@ -26,7 +33,7 @@ def main() -> None:
             "reliability": paths.RELIABILITY_PNG,
         }
         metrics = evaluate(
-            model, test, config["classes"], params.evaluate.batch_size, params.evaluate.misclassified, outputs
+            model, test, config["classes"], batch_size, params.evaluate.misclassified, outputs
         )
         tracking.log_dataset(
             test,

@@ -113,7 +113,7 @@ def test_auto_is_accepted_where_the_pipeline_can_choose() -> None:
         "train.target_steps",
         "train.ema_decay",
         "train.ema",
-        "evaluate.batch_size",
+        "evaluate.misclassified",
     ],
 )
 def test_auto_is_refused_elsewhere_in_one_line_naming_the_key(name: str) -> None:

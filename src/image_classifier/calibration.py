@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from image_classifier.batches import split_logits
 from image_classifier.data import Split
+from image_classifier.device import inference_batch_size
 from image_classifier.models import ImageClassifier, build_model
 
 ECE_BINS = 15
@@ -125,14 +126,14 @@ class Calibration:
         )
 
 
-def calibrate(model: ImageClassifier, val: Split, batch_size: int = 1000) -> Calibration | str:
+def calibrate(model: ImageClassifier, val: Split) -> Calibration | str:
     """Fit `model`'s temperature on `val` (uint8 images on the model's device) and set it, in place. Or, with
     temperature 1, the reason it cannot be fitted: `val` is empty, or the model gets every image of it right."""
     model.set_temperature(1.0)  # fit on the raw logits, whatever the model held before
     if len(val) == 0:
         return "the validation split is empty (preprocess.val_size: 0)"
     # float32 without autocast, as evaluate scores the model: the temperature fits the logits that get used.
-    logits = split_logits(model, val, batch_size)
+    logits = split_logits(model, val, inference_batch_size(next(model.parameters()).device))
     if bool((logits.argmax(dim=1) == val.labels).all()):
         # Without a single mistake, sharper is always likelier: the fit would drive T to its lower bound and
         # make every answer ~100% sure (seen on a 14-image validation split of a 180-photo folder).

@@ -1,4 +1,4 @@
-"""The one place that decides which device and numeric precision training uses."""
+"""The one place that decides which device, numeric precision and inference batch the pipeline uses."""
 
 import os
 from pathlib import Path
@@ -6,6 +6,12 @@ from pathlib import Path
 import torch
 
 from image_classifier.errors import UserError
+
+# Forward passes on a CPU run fastest in small batches, whose activations stay in the caches: 2,000 test images
+# took 5x longer in batches of 1,000 than of 64 with EfficientNet-Lite0 at 64 px, 2-4x with our convnet, 1.4x with
+# ResNet-18 (docs/benchmarks.md, "Inference batch on the CPU"). Accelerators want large batches.
+CPU_INFERENCE_BATCH = 64
+ACCELERATOR_INFERENCE_BATCH = 1000
 
 
 def pick_device(requested: str) -> torch.device:
@@ -61,6 +67,15 @@ def autocast_dtype(
     if model is not None and has_depthwise_convolutions(model) and not cpu_has_amx():
         return None
     return torch.bfloat16
+
+
+def inference_batch_size(device: torch.device, requested: int | str = "auto") -> int:
+    """Images per forward pass without gradients (validation, evaluate, calibration, export's check).
+
+    `auto` is CPU_INFERENCE_BATCH on the CPU and ACCELERATOR_INFERENCE_BATCH elsewhere."""
+    if requested != "auto":
+        return int(requested)
+    return CPU_INFERENCE_BATCH if device.type == "cpu" else ACCELERATOR_INFERENCE_BATCH
 
 
 def has_depthwise_convolutions(model: torch.nn.Module) -> bool:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from image_classifier import paths
+from image_classifier.device import inference_batch_size
 from image_classifier.errors import UserError, load_failure
 from image_classifier.files import atomic_path, save_tensors
 from image_classifier.models import ImageClassifier, build_model, predict_logits, to_float
@@ -61,6 +62,7 @@ def export_formats(model: ImageClassifier, config: dict[str, Any], opset: int) -
     """The export stage's files: the plain weights, the config that rebuilds the model, the torch.export program
     and the ONNX file converted from it."""
     example = example_input(config)
+    functional_activations(model)
     save_tensors(model.state_dict(), paths.WEIGHTS_FILE)
     with atomic_path(paths.MODEL_CONFIG) as temp:
         temp.write_text(json.dumps(config, indent=2) + "\n")
@@ -69,11 +71,22 @@ def export_formats(model: ImageClassifier, config: dict[str, Any], opset: int) -
     export_onnx(model, example, paths.ONNX_FILE, opset, onnx_metadata(config), program)
 
 
+def functional_activations(model: torch.nn.Module) -> None:
+    """Turn off `inplace` in the model's activations (timm's ReLU6, ReLU, SiLU), in place: the exporters rewrite
+    an in-place activation (`hardtanh_`) into a functional one through reference code with symbolic shapes, which
+    took EfficientNet-Lite0's ONNX export from 5 s to 21 s and its torch.export from 2 s to 5 s (2-core AMD
+    EPYC). The outputs are the same; only training saves memory by overwriting."""
+    for module in model.modules():
+        if getattr(module, "inplace", None) is True:
+            module.inplace = False
+
+
 def check_onnx(model: ImageClassifier, test: "Split", max_logit_diff: float) -> dict[str, float]:
     """The exported ONNX file against PyTorch on the whole `test` split: the parity metrics, written to
     paths.EXPORT_METRICS and returned; a UserError, and no metrics file, where ONNX differs by more than
     export.max_logit_diff."""
-    parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size=1000, labels=test.labels)
+    batch_size = inference_batch_size(torch.device("cpu"))
+    parity = onnx_parity(paths.ONNX_FILE, model, test.images, batch_size, labels=test.labels)
     failure = parity_failure(parity, max_logit_diff)
     if failure:
         raise UserError(failure)

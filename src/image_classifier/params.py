@@ -170,7 +170,7 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    batch_size: int = Field(ge=1, description="an integer >= 1")
+    batch_size: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
     misclassified: int = Field(ge=1, le=100, description="1 to 100")
 
 

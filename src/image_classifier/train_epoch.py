@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from image_classifier.batches import InMemory, Streamed
-from image_classifier.device import synchronize
+from image_classifier.device import inference_batch_size, synchronize
 from image_classifier.distributed import max_across, sum_across
 from image_classifier.errors import UserError
 from image_classifier.train_state import CheckpointSaver
@@ -104,5 +104,6 @@ def validate(model: nn.Module, val: InMemory | Streamed, dtype: torch.dtype | No
     """Validation loss and accuracy (NaN for an empty validation split)."""
     if len(val) == 0:
         return math.nan, math.nan
-    logits, labels = val.logits(model, 1000, dtype), val.labels
+    batch_size = inference_batch_size(next(model.parameters()).device)
+    logits, labels = val.logits(model, batch_size, dtype), val.labels
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
