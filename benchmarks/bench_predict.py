@@ -9,8 +9,8 @@ JPEG files of random sizes). Rows, a markdown table with the machine first:
 - the model alone: PyTorch (the .pt model) and ONNX Runtime (the exported .onnx) on decoded batches;
 - end to end: decoding and the model overlapped, as `predict --out` runs (startup and imports excluded);
 - agreement: largest probability gap between the backends and whether every predicted class agrees.
-Then the batch size of forward passes without gradients (validation, evaluate, export's check): PyTorch on 2,000
-uint8 images in batches of 1,000 against 64, what `evaluate.batch_size: auto` picks on a CPU (device.py).
+Then the batch size and layout of forward passes without gradients (evaluate, export's check): PyTorch on 2,000
+uint8 images in batches of 1,000 and 64 against what `evaluate.batch_size: auto` picks on a CPU (device.py).
 """
 
 import argparse
@@ -114,31 +114,34 @@ INFERENCE_MODELS = (
     ("cnn", [1, 28, 28]),
     ("convnet", [1, 28, 28]),
     ("convnet", [3, 64, 64]),
-    ("timm:efficientnet_lite0", [1, 64, 64]),
+    ("timm:efficientnet_lite0", [1, 96, 96]),
     ("timm:resnet18", [3, 64, 64]),
 )
 
 
-def inference_batch_rows(images: int = 2000, batches: tuple[int, ...] = (1000, 64)) -> list[str]:
-    """Seconds for `images` through predict_logits per batch size, best of three, for each INFERENCE_MODELS."""
+INFERENCE_SETTINGS = ((1000, False), (64, False), (32, True))  # (batch, channels_last); the last is `auto`
+
+
+def inference_batch_rows(images: int = 2000) -> list[str]:
+    """Seconds for `images` through predict_logits in each INFERENCE_SETTINGS, best of three, per model."""
+    from image_classifier.device import inference_layout
     from image_classifier.models import build_model, predict_logits
 
-    rows = [
-        "",
-        f"| model | {' | '.join(f'batch {b} (s)' for b in batches)} | speed-up |",
-        "|---|---|---|---|",
-    ]
+    names = [f"batch {b}{', channels_last' if cl else ''} (s)" for b, cl in INFERENCE_SETTINGS]
+    rows = ["", f"| model | {' | '.join(names)} | first / last |", "|---|" + "---|" * (len(names) + 1)]
     for model, shape in INFERENCE_MODELS:
         config = {"model": model, "width": 16, "image_shape": shape, "classes": [str(c) for c in range(10)]}
-        network = build_model({**config, "mean": [0.5] * shape[0], "std": [0.25] * shape[0]}).eval()
         data = torch.randint(0, 256, (images, *shape), dtype=torch.uint8)
-        seconds = [
-            images / rate(images, lambda b=b, n=network, d=data: predict_logits(n, d, b)) for b in batches
-        ]
+        seconds = []
+        for batch, channels_last in INFERENCE_SETTINGS:
+            network = build_model({**config, "mean": [0.5] * shape[0], "std": [0.25] * shape[0]}).eval()
+            if channels_last:
+                inference_layout(network)
+            predict_logits(network, data[: 2 * batch], batch)  # warm-up: the first call of a shape sets it up
+            seconds.append(images / rate(images, lambda b=batch, n=network, d=data: predict_logits(n, d, b)))
         label = f"{model} {'×'.join(map(str, shape))}"
-        rows.append(
-            f"| {label} | {' | '.join(f'{s:.2f}' for s in seconds)} | {seconds[0] / seconds[-1]:.1f}x |"
-        )
+        cells = " | ".join(f"{value:.2f}" for value in seconds)
+        rows.append(f"| {label} | {cells} | {seconds[0] / seconds[-1]:.1f}x |")
         print(f"done: inference batches, {label}", file=sys.stderr)
     return rows
 

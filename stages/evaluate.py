@@ -12,7 +12,7 @@ def main() -> None:
 
     from image_classifier import paths, tracking
     from image_classifier.data import load_split
-    from image_classifier.device import inference_batch_size
+    from image_classifier.device import inference_batch_size, inference_layout
     from image_classifier.evaluate import evaluate, flat_metrics
     from image_classifier.export import load_model
 
@@ -20,6 +20,7 @@ def main() -> None:
     # The whole stage runs inside the training's run: a failure or an interruption marks it (stage.evaluate).
     with tracking.resume_run(paths.RUN_FILE, "evaluate"):
         model, config = load_model(paths.MODEL_FILE)
+        inference_layout(model)
         test = load_split(paths.SPLIT_DIRS["test"])
         batch_size = inference_batch_size(torch.device("cpu"), params.evaluate.batch_size)
         if params.evaluate.batch_size == "auto":
@@ -32,9 +33,7 @@ def main() -> None:
             "misclassified": paths.MISCLASSIFIED_PNG,
             "reliability": paths.RELIABILITY_PNG,
         }
-        metrics = evaluate(
-            model, test, config["classes"], batch_size, params.evaluate.misclassified, outputs
-        )
+        metrics = evaluate(model, test, config["classes"], batch_size, params.evaluate.misclassified, outputs)
         tracking.log_dataset(
             test,
             config["dataset"],

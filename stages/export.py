@@ -17,14 +17,14 @@ def main() -> None:
     # The whole stage runs inside the training's run: a failure or an interruption marks it (stage.export).
     with tracking.resume_run(paths.RUN_FILE, "export"):
         model, config = load_model(paths.MODEL_FILE)
-        export_formats(model, config, params.export.opset)
+        exported = export_formats(model, config, params.export.opset)
         parity = check_onnx(model, load_split(paths.SPLIT_DIRS["test"]), params.export.max_logit_diff)
         test_accuracy = json.loads(paths.EVAL_METRICS.read_text())["accuracy"]
         tracking.log_results(
             parity, [paths.ONNX_FILE, paths.MODEL_CONFIG, paths.EXPORT_METRICS], folder="export"
         )
         registered = tracking.log_and_register_model(
-            model,
+            exported,
             example_input(config),
             tracking.model_name(params.tracking, config["dataset"], params.data.path),
             test_accuracy,
