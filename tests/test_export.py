@@ -1,5 +1,6 @@
 """Evaluate's metrics, the export formats, and `predict` on image files."""
 
+import json
 import re
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from conftest import CLASSES
 from PIL import Image
 from test_train import CONFIG, make_split
 
+from image_classifier import export as export_module
+from image_classifier import paths
 from image_classifier.calibration import expected_calibration_error
 from image_classifier.errors import UserError
 from image_classifier.evaluate import classification_metrics, confusion_matrix, flat_metrics
@@ -51,6 +54,22 @@ def saved_model(tmp_path: Path) -> Path:
     path = tmp_path / "model.pt"
     save_model(path, CONFIG, model.state_dict())
     return path
+
+
+def test_the_export_check_scores_an_even_sample_and_leaves_the_model_as_it_was(
+    saved_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(export_module, "PARITY_IMAGES", 10)
+    model, config = load_model(saved_model)
+    for path in (paths.ONNX_FILE, paths.EXPORT_METRICS):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, example_input(config), paths.ONNX_FILE, opset=18)
+    parity = export_module.check_onnx(model, make_split(37, 3), max_logit_diff=1e-3)
+    assert parity["onnx_checked_images"] == 10
+    assert json.loads(paths.EXPORT_METRICS.read_text()) == parity
+    # The check scores a channels_last copy: the model the exporters get keeps the layout it was saved in.
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 def test_onnx_and_torch_export_match_pytorch(saved_model: Path, tmp_path: Path) -> None:
