@@ -81,8 +81,8 @@ def inference_batch_size(device: torch.device, requested: int | str = "auto") ->
 
 def inference_layout(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with its weights in channels_last, converted in place and returned: inference's fastest layout on
-    the CPU (see CPU_INFERENCE_BATCH) and on GPUs' tensor cores. Only for a model that is then just evaluated:
-    the exporters get the model as saved."""
+    the CPU (see CPU_INFERENCE_BATCH). Only for a model that is then just evaluated: the exporters get the model
+    as saved."""
     return model.to(memory_format=torch.channels_last)
 
 
