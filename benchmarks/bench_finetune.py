@@ -79,7 +79,7 @@ def make_split(dest: Path, per_class: int = 100, test_per_class: int = 200) -> P
     return dest
 
 
-def run_row(folder: Path, overrides: dict, image_size: int | str = "auto", seed: int = 0) -> dict:
+def run_row(folder: Path, overrides: dict, image_size: int | str = "auto") -> dict:
     """One training with params.yaml's values and `overrides` (train.*): test accuracy and seconds."""
     import torch
     import yaml
@@ -92,7 +92,6 @@ def run_row(folder: Path, overrides: dict, image_size: int | str = "auto", seed:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"].update(dataset="folder", path=str(folder), image_size=image_size)
     raw["train"].update({k: str(lite0_file()) if v == "<lite0>" else v for k, v in overrides.items()})
-    raw["train"]["seed"] = seed
     params = params_module.from_dict(raw)
     set_threads(params.train.threads)
     started = time.perf_counter()

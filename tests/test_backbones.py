@@ -16,7 +16,7 @@ import torch
 from conftest import TINY_MODEL_CONFIG, learnable_images
 from safetensors.torch import save_file
 
-from image_classifier import backbones
+from image_classifier import backbones, optim
 from image_classifier.augment import ALL_OPS, COLOUR_OPS, _colour, photo_augment
 from image_classifier.data import Split
 from image_classifier.errors import UserError
@@ -332,6 +332,49 @@ def test_a_frozen_epoch_trains_only_the_classifier_then_everything(tiny_params, 
     )
     assert not torch.equal(unfrozen.best_state["network.conv1.0.weight"], state["conv1.0.weight"])
     assert not torch.equal(frozen.best_state["network.fc.weight"], unfrozen.best_state["network.fc.weight"])
+
+
+def test_early_stages_keep_their_pretrained_weights_and_leave_the_optimiser(
+    tiny_params, tmp_path: Path
+) -> None:
+    path = tmp_path / "w.safetensors"
+    state = weights_file(path)
+    weights = backbones.resolve_weights(str(path), "timm:test_resnet")
+    params = tiny_params.train.model_copy(
+        update={
+            "model": "timm:test_resnet",
+            "pretrained": str(path),
+            "epochs": 1,
+            "batch_size": 32,
+            "frozen_stages": 2,  # test_resnet's feature stages: act1 (the stem), layer1, ..., layer4
+        }
+    )
+    plan = plan_training(params, 128, model="timm:test_resnet", pretrained=True)
+    assert plan.frozen_stages == 2
+    assert plan_training(params, 128, model="convnet").frozen_stages == 0  # ours: no pretrained stages
+    model = build_model(config())
+    frozen = optim.freeze_early_stages(model, plan.frozen_stages)
+    trained = {id(p) for group in make_optimizer(params, plan, model).param_groups for p in group["params"]}
+    names = [name for name, p in model.network.named_parameters() if id(p) not in trained]
+    assert len(names) == frozen > 0 and all(name.startswith(("conv1", "bn1", "layer1.")) for name in names)
+    with pytest.raises(UserError, match="frozen_stages = 5: the network has 5 stages"):
+        optim.freeze_early_stages(build_model(config()), 5)
+
+    result = train(
+        params.model_copy(update={"precision": PRECISION}),
+        config(size=16),
+        tiny_photos(128, 1),
+        tiny_photos(40, 2),
+        torch.device("cpu"),
+        tmp_path / "a.pt",
+        pretrained=weights,
+    )
+    best = result.best_state
+    for name in ("conv1.0.weight", "layer1.0.conv1.weight"):
+        assert torch.equal(best[f"network.{name}"], state[name])
+    assert not torch.equal(best["network.layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
+    # Weights frozen, statistics not: batch norm in a frozen stage still follows the new images.
+    assert not torch.equal(best["network.layer1.0.bn1.running_mean"], state["layer1.0.bn1.running_mean"])
 
 
 def test_a_timm_model_resumes_bit_identically_across_the_unfreezing(tiny_params, tmp_path: Path) -> None:

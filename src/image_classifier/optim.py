@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from image_classifier.errors import UserError
 from image_classifier.plan import TrainingPlan
 
 if TYPE_CHECKING:  # annotations only: params.py needs pydantic, absent where the GPU benchmark runs
@@ -25,13 +26,12 @@ def parameter_groups(model: nn.Module, plan: TrainingPlan) -> list[dict]:
     if not hasattr(network, "get_classifier"):
         return [{"params": list(model.parameters()), "lr": plan.lr, "weight_decay": plan.weight_decay}]
     head = {id(p) for p in network.get_classifier().parameters()}
+    trained = [p for p in network.parameters() if p.requires_grad]  # not the stages freeze_early_stages froze
     groups = []
     for backbone in (True, False):
         lr = plan.lr * (plan.backbone_lr_scale if backbone else 1.0)
         for decay in (True, False):
-            members = [
-                p for p in network.parameters() if (id(p) not in head) == backbone and (p.ndim > 1) == decay
-            ]
+            members = [p for p in trained if (id(p) not in head) == backbone and (p.ndim > 1) == decay]
             if members:
                 groups.append(
                     {
@@ -42,6 +42,31 @@ def parameter_groups(model: nn.Module, plan: TrainingPlan) -> list[dict]:
                     }
                 )
     return groups
+
+
+def freeze_early_stages(model: nn.Module, stages: int) -> int:
+    """Stop training the first `stages` feature stages of a timm network (timm's feature_info; the stem and
+    every layer before the end of that stage): they keep their pretrained weights for the whole run, and their
+    batch-norm statistics still follow the new images. Returns how many parameters it froze.
+
+    A stage ends where the next one's parameters begin: timm registers a network's layers in the order they
+    run."""
+    network = getattr(model, "network", model)
+    if stages == 0:
+        return 0
+    feature_stages = [stage["module"] for stage in getattr(network, "feature_info", [])]
+    if stages >= len(feature_stages):
+        raise UserError(
+            f"train.frozen_stages = {stages}: the network has {len(feature_stages)} stages and at least the "
+            "last one has to train (train.freeze_epochs freezes the whole backbone)"
+        )
+    later = tuple(f"{module}." for module in feature_stages[stages:])
+    names = [name for name, _ in network.named_parameters()]
+    first_trained = next((i for i, name in enumerate(names) if name.startswith(later)), 0)
+    parameters = list(network.parameters())[:first_trained]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    return len(parameters)
 
 
 def make_optimizer(params: TrainParams, plan: TrainingPlan, model: nn.Module) -> torch.optim.Optimizer:

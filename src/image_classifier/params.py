@@ -106,6 +106,7 @@ class TrainParams(_Section):
     backbone_lr_scale: Annotated[Number, Field(gt=0, le=1)] | Auto = Field(
         description="a number in (0, 1] or 'auto'"
     )
+    frozen_stages: int = Field(ge=0, description="0 (every stage trains) or a count of stages")
     width: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
     epochs: Annotated[int, Field(ge=1)] | Auto = Field(description="an integer >= 1 or 'auto'")
     target_steps: int = Field(ge=1, description="an integer >= 1")

@@ -23,7 +23,13 @@ from torch.optim.swa_utils import AveragedModel
 from image_classifier.backbones import Weights
 from image_classifier.files import save_tensors
 from image_classifier.models import build_model
-from image_classifier.optim import make_ema, make_optimizer, make_scheduler, warmup_epochs
+from image_classifier.optim import (
+    freeze_early_stages,
+    make_ema,
+    make_optimizer,
+    make_scheduler,
+    warmup_epochs,
+)
 from image_classifier.plan import TrainingPlan
 from image_classifier.warm_start import WarmStartReport, load_initial_weights
 
@@ -206,6 +212,7 @@ def build_state(
         model = build_model(model_config, None if resuming else pretrained)
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    freeze_early_stages(model, plan.frozen_stages)
     ema = make_ema(model, params.ema_decay) if params.ema else None
     optimizer = make_optimizer(params, plan, model)  # always fresh: a warm start takes weights only
     state = TrainState(
