@@ -14,7 +14,7 @@ def main() -> None:
     from image_classifier.data import load_split
     from image_classifier.device import inference_batch_size, inference_layout
     from image_classifier.evaluate import evaluate, flat_metrics
-    from image_classifier.export import load_model
+    from image_classifier.export import load_model, save_test_logits
 
     tracking.connect(params.tracking)
     # The whole stage runs inside the training's run: a failure or an interruption marks it (stage.evaluate).
@@ -33,7 +33,10 @@ def main() -> None:
             "misclassified": paths.MISCLASSIFIED_PNG,
             "reliability": paths.RELIABILITY_PNG,
         }
-        metrics = evaluate(model, test, config["classes"], batch_size, params.evaluate.misclassified, outputs)
+        metrics, logits = evaluate(
+            model, test, config["classes"], batch_size, params.evaluate.misclassified, outputs
+        )
+        save_test_logits(paths.TEST_LOGITS, logits, paths.MODEL_FILE)  # the export check's reference
         tracking.log_dataset(
             test,
             config["dataset"],

@@ -196,7 +196,7 @@ def test_the_train_step_fits_the_temperature_on_validation(trained, tmp_path: Pa
     model.load_state_dict(state)
     outputs = {name: tmp_path / f"{name}.out" for name in ("metrics", "predictions", "confusion")}
     outputs |= {name: tmp_path / f"{name}.png" for name in ("misclassified", "reliability")}
-    found = evaluate(model.eval(), val, list(TINY_MODEL_CONFIG["classes"]), 64, 4, outputs)
+    found, _ = evaluate(model.eval(), val, list(TINY_MODEL_CONFIG["classes"]), 64, 4, outputs)
     assert {"ece", "nll", "brier", "mean_confidence"} <= set(found)
     assert found["nll"] == pytest.approx(metrics["calibration.val_nll_after"], rel=1e-4)
     assert outputs["reliability"].read_bytes()[:4] == b"\x89PNG"

@@ -56,20 +56,43 @@ def saved_model(tmp_path: Path) -> Path:
     return path
 
 
-def test_the_export_check_scores_an_even_sample_and_leaves_the_model_as_it_was(
+def test_the_export_check_compares_onnx_with_evaluates_logits_on_an_even_sample(
     saved_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(export_module, "PARITY_IMAGES", 10)
     model, config = load_model(saved_model)
-    for path in (paths.ONNX_FILE, paths.EXPORT_METRICS):
+    for path in (paths.ONNX_FILE, paths.EXPORT_METRICS, paths.TEST_LOGITS):
         path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(model, example_input(config), paths.ONNX_FILE, opset=18)
-    parity = export_module.check_onnx(model, make_split(37, 3), max_logit_diff=1e-3)
-    assert parity["onnx_checked_images"] == 10
+    test = make_split(37, 3)
+    export_module.save_test_logits(paths.TEST_LOGITS, predict_logits(model, test.images, 16), saved_model)
+    reference = export_module.load_test_logits(paths.TEST_LOGITS, saved_model, len(test))
+    parity = export_module.check_onnx(reference, test, max_logit_diff=1e-3)
+    assert parity["onnx_checked_images"] == 10 and parity["onnx_prediction_agreement"] == 1.0
     assert json.loads(paths.EXPORT_METRICS.read_text()) == parity
-    # The check scores a channels_last copy: the model the exporters get keeps the layout it was saved in.
-    assert all(p.is_contiguous() for p in model.parameters())
+    # A reference off by a logit on the last image (one the even sample takes): a mismatch, and no metrics.
+    paths.EXPORT_METRICS.unlink()
+    reference[-1, 0] += 1.0
+    with pytest.raises(UserError, match="ONNX logits differ from PyTorch's by"):
+        export_module.check_onnx(reference, test, max_logit_diff=1e-3)
+    assert not paths.EXPORT_METRICS.exists()
+
+
+def test_test_logits_of_another_model_or_split_are_refused(saved_model: Path, tmp_path: Path) -> None:
+    logits = tmp_path / "test_logits.npz"
+    with pytest.raises(UserError, match=r"test_logits\.npz does not exist: run the evaluate stage first"):
+        export_module.load_test_logits(logits, saved_model, 3)
+    export_module.save_test_logits(logits, torch.zeros(3, 3), saved_model)
+    with pytest.raises(UserError, match="has 3 rows but the test split 4 images"):
+        export_module.load_test_logits(logits, saved_model, 4)
+    other = tmp_path / "other.pt"
+    other.write_bytes(saved_model.read_bytes() + b"\0")
+    with pytest.raises(UserError, match=r"holds the test logits of another .*other\.pt than this one"):
+        export_module.load_test_logits(logits, other, 3)
+    logits.write_bytes(b"not numpy")
+    with pytest.raises(UserError, match=r"cannot read .*test_logits\.npz"):
+        export_module.load_test_logits(logits, saved_model, 3)
 
 
 def test_onnx_and_torch_export_match_pytorch(saved_model: Path, tmp_path: Path) -> None:

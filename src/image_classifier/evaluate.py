@@ -70,9 +70,9 @@ def evaluate(
     batch_size: int,
     misclassified: int,
     outputs: dict[str, Path],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Score `model` on `test` and write `outputs`: metrics (JSON), predictions (CSV), confusion,
-    misclassified and reliability (PNG). Returns the metrics."""
+    misclassified and reliability (PNG). Returns the metrics and the logits."""
     logits = split_logits(model, test, batch_size)  # streamed from the mapped shards
     predictions = logits.argmax(dim=1)
     metrics = classification_metrics(logits, test.labels, classes)
@@ -88,4 +88,4 @@ def evaluate(
     save_image_grid(
         test.images[wrong], captions, outputs["misclassified"], "Misclassified (true → predicted)"
     )
-    return metrics
+    return metrics, logits

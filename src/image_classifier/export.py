@@ -19,15 +19,15 @@ import torch
 from image_classifier import paths
 from image_classifier.device import inference_batch_size, inference_layout
 from image_classifier.errors import UserError, load_failure
-from image_classifier.files import atomic_path, save_tensors
+from image_classifier.files import atomic_path, file_digest, save_tensors
 from image_classifier.models import ImageClassifier, build_model, predict_logits, to_float
 
 if TYPE_CHECKING:  # annotations only: `predict` imports this module and need not load data.py
     from image_classifier.data import Split
 
 
-# Test images the export check runs through both runtimes: a broken conversion shows on a few; evaluate has
-# already scored the whole split, and checking 10,000 would score it twice more.
+# Test images the export check runs through ONNX Runtime, against the PyTorch logits evaluate saved for them: a
+# broken conversion shows on a few, and ONNX on 10,000 would be a second evaluation.
 PARITY_IMAGES = 1000
 
 
@@ -91,13 +91,39 @@ def functional_activations(model: ImageClassifier) -> ImageClassifier:
     return model
 
 
-def check_onnx(model: ImageClassifier, test: "Split", max_logit_diff: float) -> dict[str, float]:
-    """The exported ONNX file against PyTorch on up to PARITY_IMAGES of the `test` split, evenly spaced: the
-    parity metrics, written to paths.EXPORT_METRICS and returned; a UserError, and no metrics file, where ONNX
-    differs by more than export.max_logit_diff."""
-    batch_size = inference_batch_size(torch.device("cpu"))
-    sample = test.subset(torch.linspace(0, len(test) - 1, min(len(test), PARITY_IMAGES)).round().long())
-    parity = onnx_parity(paths.ONNX_FILE, model, sample.images, batch_size, labels=sample.labels)
+def save_test_logits(path: Path, logits: torch.Tensor, model_file: Path) -> None:
+    """The PyTorch logits of every test image as evaluate computed them, with the sha256 of the model file that
+    computed them: the reference the export check compares ONNX with, so the model runs once on the test set."""
+    with atomic_path(path) as temp, temp.open("wb") as file:
+        np.savez(file, logits=logits.float().numpy(), model_sha256=file_digest(model_file))
+
+
+def load_test_logits(path: Path, model_file: Path, images: int) -> np.ndarray:
+    """The logits save_test_logits wrote, refused in one line unless they are `model_file`'s, one row a test
+    image."""
+    rerun = "run the evaluate stage first (dvc repro)"
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            logits, model_sha256 = saved["logits"], str(saved["model_sha256"])
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist: {rerun}") from None
+    except Exception as error:  # any corruption: not a zip, not numpy, a key missing
+        raise UserError(f"cannot read {path}: {load_failure(error)}; {rerun}") from None
+    if model_sha256 != file_digest(model_file):
+        raise UserError(f"{path} holds the test logits of another {model_file} than this one: {rerun}")
+    if len(logits) != images:
+        raise UserError(f"{path} has {len(logits)} rows but the test split {images} images: {rerun}")
+    return logits
+
+
+def check_onnx(reference: np.ndarray, test: "Split", max_logit_diff: float) -> dict[str, float]:
+    """The exported ONNX file against `reference` (PyTorch's logits of the `test` split, from evaluate) on up to
+    PARITY_IMAGES of its images, evenly spaced: the parity metrics, written to paths.EXPORT_METRICS and
+    returned; a UserError, and no metrics file, where ONNX differs by more than export.max_logit_diff."""
+    picked = torch.linspace(0, len(test) - 1, min(len(test), PARITY_IMAGES)).round().long()
+    sample = test.subset(picked)
+    exported = onnx_logits(paths.ONNX_FILE, sample.images, inference_batch_size(torch.device("cpu")))
+    parity = parity_report(reference[picked.numpy()], exported, sample.labels)
     failure = parity_failure(parity, max_logit_diff)
     if failure:
         raise UserError(failure)
@@ -163,23 +189,34 @@ def onnx_parity(
     batch_size: int,
     labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Run ONNX Runtime and PyTorch over the same uint8 images: parity_metrics, and with `labels` the calibration
-    error of the ONNX model's own probabilities (what a deployment serves)."""
+    """Run ONNX Runtime and PyTorch over the same uint8 images: parity_report."""
+    torch_logits = predict_logits(inference_layout(copy.deepcopy(model)), images, batch_size).numpy()
+    return parity_report(torch_logits, onnx_logits(onnx_path, images, batch_size), labels)
+
+
+def onnx_logits(onnx_path: Path, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    """ONNX Runtime's logits for uint8 `images`, in batches of `batch_size`."""
     import onnxruntime  # only export needs it: `predict` starts faster without
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    torch_logits = predict_logits(inference_layout(copy.deepcopy(model)), images, batch_size).numpy()
-    onnx_logits = np.concatenate(
+    return np.concatenate(
         [
             session.run(["logits"], {"images": to_float(images[start : start + batch_size]).numpy()})[0]
             for start in range(0, len(images), batch_size)
         ]
     )
-    parity = parity_metrics(torch_logits, onnx_logits)
+
+
+def parity_report(
+    torch_logits: np.ndarray, exported: np.ndarray, labels: torch.Tensor | None = None
+) -> dict[str, float]:
+    """parity_metrics, and with `labels` the calibration error of the ONNX model's own probabilities (what a
+    deployment serves)."""
+    parity = parity_metrics(torch_logits, exported)
     if labels is not None:
         from image_classifier.calibration import expected_calibration_error
 
-        probabilities = torch.from_numpy(onnx_logits).softmax(dim=1)
+        probabilities = torch.from_numpy(exported).softmax(dim=1)
         parity["onnx_test_ece"] = expected_calibration_error(probabilities, labels)
     return parity
 

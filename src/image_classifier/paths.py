@@ -27,6 +27,7 @@ PREDICTIONS_CSV = Path("reports/evaluate/predictions.csv")
 CONFUSION_PNG = Path("reports/evaluate/confusion.png")
 MISCLASSIFIED_PNG = Path("reports/evaluate/misclassified.png")
 RELIABILITY_PNG = Path("reports/evaluate/reliability.png")
+TEST_LOGITS = Path("reports/evaluate/test_logits.npz")
 
 EXPORT_DIR = Path("models/export")
 WEIGHTS_FILE = EXPORT_DIR / "weights.pt"
