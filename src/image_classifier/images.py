@@ -11,16 +11,20 @@ compete with them). A JPEG at least twice the target size is decoded at 1/2, 1/4
 DCT scaling, `Image.draft`): less work, and the resize that follows averages fewer pixels.
 """
 
+from __future__ import annotations
+
 import re
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from image_classifier.errors import UserError, one_line
+
+if TYPE_CHECKING:  # read_image alone returns a tensor: decoding processes import this module without torch
+    import torch
 
 # Refuse images that would decode to more than this many pixels (a decompression bomb exhausts memory).
 MAX_PIXELS = 40_000_000
@@ -37,6 +41,8 @@ def read_image(path: Path, channels: int | Literal["auto"], size: tuple[int, int
     to `size` = (H, W), bilinear antialiased.
 
     Raises UserError naming the file when it is missing, not an image, corrupt, or too large to decode safely."""
+    import torch
+
     return torch.from_numpy(read_array(path, channels, size))
 
 
@@ -78,8 +84,16 @@ def fit_array(rgb: np.ndarray, channels: int | Literal["auto"], size: tuple[int,
 
 def is_grey(rgb: np.ndarray) -> bool:
     """True when no pixel's red, green and blue (H×W×3) differ by more than GREY_TOLERANCE: a grey photo saved
-    as RGB is grey too."""
-    return bool((rgb.max(2) - rgb.min(2)).max() <= GREY_TOLERANCE)
+    as RGB is grey too. A colour image is usually told by every 8th pixel of every 8th row, before the whole."""
+    return _channel_spread(rgb[::8, ::8]) <= GREY_TOLERANCE and _channel_spread(rgb) <= GREY_TOLERANCE
+
+
+def _channel_spread(rgb: np.ndarray) -> int:
+    """The largest difference between two channels of one pixel. Element-wise maxima of the three channel
+    planes: numpy's max over a last axis of 3 took 0.8 ms of a 1.1-ms decode of a 128-px JPEG."""
+    red, green, blue = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
+    spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    return int(spread.max(initial=0))
 
 
 def _rgb(image: Image.Image) -> np.ndarray:
