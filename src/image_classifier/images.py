@@ -124,10 +124,9 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear, antialiased when shrinking (Pillow widens the filter by the scale), to `size` = (W, H)."""
-    image = Image.fromarray(pixels)
-    if image.size != size:
-        image = image.resize(size, Image.Resampling.BILINEAR)
-    return np.array(image)  # a writable copy (asarray's view is read-only), small: the target size
+    if pixels.shape[1::-1] == size:  # already the size: no round trip through Pillow
+        return pixels
+    return np.array(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
 
 
 class _opened:
