@@ -188,7 +188,7 @@ def imagefolder_pass(folder: str = "images", size: int = SIZE) -> dict:
     return {"seconds": time.perf_counter() - started, "images": seen}
 
 
-def _train(overrides: dict, train_split, val_split, config_extra: dict) -> tuple:
+def _train(overrides: dict, train_split, val_split, config_extra: dict, on_step=None) -> tuple:
     import torch
     import yaml
 
@@ -202,7 +202,13 @@ def _train(overrides: dict, train_split, val_split, config_extra: dict) -> tuple
     set_threads(params.train.threads)
     with tempfile.TemporaryDirectory() as scratch:
         result = train(
-            params.train, config_extra, train_split, val_split, torch.device("cpu"), Path(scratch) / "r.pt"
+            params.train,
+            config_extra,
+            train_split,
+            val_split,
+            torch.device("cpu"),
+            Path(scratch) / "r.pt",
+            on_step=on_step,
         )
     return result, params
 
@@ -225,14 +231,28 @@ def streamed_epoch(which: str) -> dict:
         "std": meta.std,
     }
     overrides = {"epochs": 1, "batch_size": 64, "data_in_memory": False, "crop_padding": 0}
-    result, _ = _train(overrides, train_split, val_split, config)
+    anon = [_rss_anon_mb()]
+    result, _ = _train(
+        overrides, train_split, val_split, config, lambda step, model: anon.append(_rss_anon_mb())
+    )
     row = result.history[-1]
     return {
         "seconds": row["epoch_seconds"],
         "samples_per_second": row["samples_per_second"],
         "data_mb": train_split.images.nbytes / 1e6,
         "mode": result.data_mode.line,
+        "peak_anon_mb": max(
+            anon
+        ),  # sampled after every step: mapped shard pages are the page cache's, not ours
     }
+
+
+def _rss_anon_mb() -> float:
+    """This process's anonymous resident memory (/proc/self/status RssAnon), in MB: what it holds itself."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def fashion_mnist(in_memory: bool) -> dict:
@@ -364,7 +384,8 @@ def rows(measure, device: str, count: int) -> list[tuple[str, str, str, str]]:
             f"One streamed training epoch (cnn width 8, batch 64): {count // 4:,} / {n} images "
             f"({stream_quarter['data_mb']:.0f} / {stream_full['data_mb']:.0f} MB of training images)",
             f"{stream_quarter['seconds']:.1f} s / {stream_full['seconds']:.1f} s; peak memory "
-            f"{stream_quarter['peak_rss_mb']:.0f} MB / {stream_full['peak_rss_mb']:.0f} MB",
+            f"{stream_quarter['peak_rss_mb']:.0f} MB / {stream_full['peak_rss_mb']:.0f} MB resident, of it "
+            f"anonymous {stream_quarter['peak_anon_mb']:.0f} MB / {stream_full['peak_anon_mb']:.0f} MB",
             "",
             "",
         ),
