@@ -231,6 +231,7 @@ def streamed_epoch(which: str) -> dict:
         "std": meta.std,
     }
     overrides = {"epochs": 1, "batch_size": 64, "data_in_memory": False, "crop_padding": 0}
+    # Sampled after every step: the mapped shard pages counted in the resident total are the page cache's.
     anon = [_rss_anon_mb()]
     result, _ = _train(
         overrides, train_split, val_split, config, lambda step, model: anon.append(_rss_anon_mb())
@@ -241,9 +242,7 @@ def streamed_epoch(which: str) -> dict:
         "samples_per_second": row["samples_per_second"],
         "data_mb": train_split.images.nbytes / 1e6,
         "mode": result.data_mode.line,
-        "peak_anon_mb": max(
-            anon
-        ),  # sampled after every step: mapped shard pages are the page cache's, not ours
+        "peak_anon_mb": max(anon),
     }
 
 

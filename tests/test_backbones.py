@@ -303,19 +303,19 @@ def tiny_photos(size: int, seed: int) -> Split:
     return Split(grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), labels)
 
 
-def test_a_frozen_epoch_trains_only_the_classifier_then_everything(tiny_params, tmp_path: Path) -> None:
+def fine_tune_setup(tiny_params, tmp_path: Path, **train: object) -> tuple[dict, backbones.Weights, object]:
+    """A weights file for timm:test_resnet, those weights resolved, and train params that fine-tune from them
+    in batches of 32 with `train` changed: (the file's tensors, the weights, the params)."""
     path = tmp_path / "w.safetensors"
     state = weights_file(path)
     weights = backbones.resolve_weights(str(path), "timm:test_resnet")
-    params = tiny_params.train.model_copy(
-        update={
-            "model": "timm:test_resnet",
-            "pretrained": str(path),
-            "epochs": 1,
-            "batch_size": 32,
-            "freeze_epochs": 1,
-            "precision": PRECISION,
-        }
+    update = {"model": "timm:test_resnet", "pretrained": str(path), "batch_size": 32, **train}
+    return state, weights, tiny_params.train.model_copy(update=update)
+
+
+def test_a_frozen_epoch_trains_only_the_classifier_then_everything(tiny_params, tmp_path: Path) -> None:
+    state, weights, params = fine_tune_setup(
+        tiny_params, tmp_path, epochs=1, freeze_epochs=1, precision=PRECISION
     )
     cfg = config(size=16)
     split, val = tiny_photos(128, 1), tiny_photos(40, 2)
@@ -337,18 +337,8 @@ def test_a_frozen_epoch_trains_only_the_classifier_then_everything(tiny_params, 
 def test_early_stages_keep_their_pretrained_weights_and_leave_the_optimiser(
     tiny_params, tmp_path: Path
 ) -> None:
-    path = tmp_path / "w.safetensors"
-    state = weights_file(path)
-    weights = backbones.resolve_weights(str(path), "timm:test_resnet")
-    params = tiny_params.train.model_copy(
-        update={
-            "model": "timm:test_resnet",
-            "pretrained": str(path),
-            "epochs": 1,
-            "batch_size": 32,
-            "frozen_stages": 2,  # test_resnet's feature stages: act1 (the stem), layer1, ..., layer4
-        }
-    )
+    # test_resnet's feature stages: act1 (the stem), layer1, ..., layer4
+    state, weights, params = fine_tune_setup(tiny_params, tmp_path, epochs=1, frozen_stages=2)
     plan = plan_training(params, 128, model="timm:test_resnet", pretrained=True)
     assert plan.frozen_stages == 2
     assert plan_training(params, 128, model="convnet").frozen_stages == 0  # ours: no pretrained stages
@@ -378,19 +368,8 @@ def test_early_stages_keep_their_pretrained_weights_and_leave_the_optimiser(
 
 
 def test_a_timm_model_resumes_bit_identically_across_the_unfreezing(tiny_params, tmp_path: Path) -> None:
-    path = tmp_path / "w.safetensors"
-    weights_file(path)
-    weights = backbones.resolve_weights(str(path), "timm:test_resnet")
-    params = tiny_params.train.model_copy(
-        update={
-            "model": "timm:test_resnet",
-            "pretrained": str(path),
-            "epochs": 3,
-            "batch_size": 32,
-            "mixup": 0.4,
-            "freeze_epochs": 1,
-            "precision": PRECISION,
-        }
+    _, weights, params = fine_tune_setup(
+        tiny_params, tmp_path, epochs=3, mixup=0.4, freeze_epochs=1, precision=PRECISION
     )
     args = (params, config(size=16), tiny_photos(96, 1), tiny_photos(30, 2), torch.device("cpu"))
     whole = train(*args, tmp_path / "a.pt", pretrained=weights)

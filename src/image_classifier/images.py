@@ -11,22 +11,18 @@ compete with them). A JPEG at least twice the target size is decoded at 1/2, 1/4
 DCT scaling, `Image.draft`): less work, and the resize that follows averages fewer pixels.
 """
 
-from __future__ import annotations
-
 import contextlib
 import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from image_classifier.errors import UserError, one_line
-
-if TYPE_CHECKING:  # read_image alone returns a tensor: decoding processes import this module without torch
-    import torch
 
 # Refuse images that would decode to more than this many pixels (a decompression bomb exhausts memory).
 MAX_PIXELS = 40_000_000
@@ -43,8 +39,6 @@ def read_image(path: Path, channels: int | Literal["auto"], size: tuple[int, int
     to `size` = (H, W), bilinear antialiased.
 
     Raises UserError naming the file when it is missing, not an image, corrupt, or too large to decode safely."""
-    import torch
-
     return torch.from_numpy(read_array(path, channels, size))
 
 
@@ -127,9 +121,7 @@ def _rgb(image: Image.Image) -> np.ndarray:
         return np.repeat(grey[:, :, None], 3, axis=2)
     if image.has_transparency_data:  # RGBA, LA, PA, or a palette or colour marked transparent
         return _on_white(np.asarray(image.convert("RGBA")))
-    return np.asarray(
-        image if image.mode == "RGB" else image.convert("RGB")
-    )  # also grey, CMYK, palette, 1-bit
+    return np.asarray(image.convert("RGB"))  # also grey, CMYK, palette, 1-bit
 
 
 def _on_white(rgba: np.ndarray) -> np.ndarray:

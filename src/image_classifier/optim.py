@@ -61,12 +61,11 @@ def freeze_early_stages(model: nn.Module, stages: int) -> int:
             "last one has to train (train.freeze_epochs freezes the whole backbone)"
         )
     later = tuple(f"{module}." for module in feature_stages[stages:])
-    names = [name for name, _ in network.named_parameters()]
-    first_trained = next((i for i, name in enumerate(names) if name.startswith(later)), 0)
-    parameters = list(network.parameters())[:first_trained]
-    for parameter in parameters:
+    named = list(network.named_parameters())
+    first_trained = next((i for i, (name, _) in enumerate(named) if name.startswith(later)), 0)
+    for _, parameter in named[:first_trained]:
         parameter.requires_grad_(False)
-    return len(parameters)
+    return first_trained
 
 
 def make_optimizer(params: TrainParams, plan: TrainingPlan, model: nn.Module) -> torch.optim.Optimizer:
