@@ -206,3 +206,26 @@ def test_sigterm_unwinds_like_ctrl_c_and_exits_143() -> None:
         process.kill()
     assert process.returncode == 143
     assert out == "cleaned up\n" and err == "terminated\n"
+
+
+FROZEN_EXIT = """
+import atexit, gc, sys
+sys.path.insert(0, sys.argv[1])
+from image_classifier.errors import UserError, run_cli
+
+def main():
+    atexit.register(lambda: print(f"atexit ran, frozen {gc.get_freeze_count() > 0}", flush=True))
+    if sys.argv[2] == "fail":
+        raise UserError("bad input")
+
+run_cli(main)
+"""
+
+
+@pytest.mark.parametrize(("outcome", "status"), [("ok", 0), ("fail", 2)])
+def test_run_cli_freezes_the_collector_on_exit_and_atexit_still_runs(outcome: str, status: int) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FROZEN_EXIT, str(REPO / "src"), outcome], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == status
+    assert done.stdout == "atexit ran, frozen True\n"

@@ -1,5 +1,6 @@
 """Errors a user can fix: stages print them as one line and exit with status 2."""
 
+import gc
 import re
 import signal
 import sys
@@ -25,7 +26,11 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def run_cli(main: Callable[[], None]) -> None:
     """Run a stage or command's `main`, turning a UserError into one line on stderr and exit status 2, Ctrl-C
-    into "interrupted" and 130, SIGTERM into "terminated" and 143 (128 + the signal, as the shell reports)."""
+    into "interrupted" and 130, SIGTERM into "terminated" and 143 (128 + the signal, as the shell reports).
+
+    On the way out the garbage collector's objects are frozen: the interpreter's last collections walk every
+    object torch, MLflow and torch's compiler front end created, 0.85 s of each stage's exit (2-core AMD EPYC);
+    memory is freed with the process all the same, and files, atexit handlers and finalizers run as before."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
@@ -38,6 +43,8 @@ def run_cli(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        gc.freeze()
 
 
 def one_line(error: BaseException, limit: int | None = 160) -> str:
