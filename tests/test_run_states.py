@@ -225,7 +225,10 @@ run_cli(main)
 @pytest.mark.parametrize(("outcome", "status"), [("ok", 0), ("fail", 2)])
 def test_run_cli_freezes_the_collector_on_exit_and_atexit_still_runs(outcome: str, status: int) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", FROZEN_EXIT, str(REPO / "src"), outcome], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", FROZEN_EXIT, str(REPO / "src"), outcome],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == status
     assert done.stdout == "atexit ran, frozen True\n"
