@@ -4,7 +4,9 @@ the worst moment, made repeatable.
     python tests/kill_during_write.py WRITER N stages/<stage>.py
 
 WRITER is the writer to interrupt, N which of its calls: `torch.save` (checkpoints, weights), `shard` (a stored
-split's label and image files, storage.write_array) or `fetch` (the verified copy of a data-set file). The first N-1 calls run normally; call N writes half of its bytes to the
+split's label and image files, storage.write_array), `fill` (a folder's shard, filled image by image by
+decoding.fill_shards in this process, as for a small folder: call N fills half its images, then dies) or `fetch`
+(the verified copy of a data-set file). The first N-1 calls run normally; call N writes half of its bytes to the
 path it was given, flushes them to disk, and the process kills itself with SIGKILL, so nothing can clean up. If the
 stage finishes first, this exits with status 3.
 """
@@ -72,6 +74,18 @@ def main() -> None:
             write_half_and_die(path, buffer.getvalue())
 
         storage.write_array = killing_write_array
+    elif writer == "fill":
+        from image_classifier import decoding
+
+        fill = decoding._fill
+
+        def killing_fill(shard, offset, first, files, *args):
+            if not is_target():
+                return fill(shard, offset, first, files, *args)
+            fill(shard, offset, first, files[: len(files) // 2], *args)
+            die()
+
+        decoding._fill = killing_fill
     elif writer == "fetch":
         from image_classifier import fetch
 

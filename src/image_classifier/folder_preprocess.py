@@ -1,16 +1,15 @@
 """preprocess for a folder data set, written once: the splits are drawn from the manifest (paths and labels)
 before anything is decoded, and each image is decoded straight into its final shard.
 
-No scratch copy of the data set: the decoded images pass through memory one shard at a time (at most
-`preprocess.shard_mb`), the training split's channel statistics are counted as its images go by, and a file that
-cannot be decoded is left out of its shard (the shard is written with the others; nothing is moved afterwards).
-Where images go is stable_shards.py's job; how they are decoded is decoding.py's.
+No scratch copy of the data set, and no shard held in this process: worker processes decode each image into its
+place in its shard file (decoding.fill_shards), the training split's channel statistics are counted from each
+shard as it is completed, and a file that cannot be decoded is left out of its shard (that shard alone is
+rewritten; nothing else moves). Where images go is stable_shards.py's job; how they are decoded is decoding.py's.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from image_classifier.data import (
     stats_from_histograms,
     stratified_indices,
 )
-from image_classifier.decoding import decode_iter
+from image_classifier.decoding import fill_shards
 from image_classifier.errors import UserError
 from image_classifier.files import atomic_dir
 from image_classifier.folder import read_manifest, sort_classes, warn_undecodable
@@ -38,7 +37,13 @@ from image_classifier.stable_shards import (
     previous_layout,
     write_index,
 )
-from image_classifier.storage import LABELS_FILE, images_per_shard, remove_stale, shard_name, write_array
+from image_classifier.storage import (
+    LABELS_FILE,
+    images_per_shard,
+    remove_stale,
+    shard_name,
+    write_array,
+)
 
 if TYPE_CHECKING:
     from image_classifier.params import PreprocessParams
@@ -90,23 +95,23 @@ def preprocess_folder(
         for split in SPLIT_NAMES:
             remove_stale(split_dirs[split])
             stored[split] = Stored(stack.enter_context(atomic_dir(split_dirs[split])))
-        jobs = [
-            (split, number, members[split][i])
-            for split in SPLIT_NAMES
-            for number, shard in enumerate(plans[split])
-            for i in shard
+        shards = _planned_shards(plans, members)
+        files = [
+            (
+                stored[split].folder / shard_name(number),
+                [raw_dir / names[row] for row in shard_rows],
+                split == "train",  # the training split's pixels give the normalisation statistics
+            )
+            for split, number, shard_rows in shards
         ]
-        paths = [raw_dir / names[row] for _, _, row in jobs]
-        results = decode_iter(paths, channels, image_size, workers)
         grey, failures = True, []
-        for split, number, shard_rows, images, all_grey in _shards(
-            jobs, results, depth, image_size, failures
-        ):
-            grey &= channels == "auto" and all_grey
-            write_array(stored[split].folder / shard_name(number), images)
-            if split == "train":
-                _count(histograms, images)
-            _record(stored[split], number, shard_rows, names, labels)
+        filled_shards = fill_shards(files, channels, image_size, depth, workers)
+        for (split, number, shard_rows), filled in zip(shards, filled_shards, strict=True):
+            grey &= channels == "auto" and filled.grey
+            failures += filled.errors
+            if filled.histograms is not None:
+                histograms += filled.histograms
+            _record(stored[split], number, [shard_rows[i] for i in filled.kept], names, labels)
         warn_undecodable(failures, len(rows))
         _check_training(stored["train"], classes, raw_dir, failures, len(members["train_pool"]))
         for split in SPLIT_NAMES:
@@ -173,39 +178,21 @@ def _ranked(
     return labels, torch.from_numpy(order)
 
 
-def _shards(
-    jobs, results, depth: int, size: int, failures: list[str]
-) -> Iterator[tuple[str, int, list[int], np.ndarray, bool]]:
-    """(split, shard number, rows decoded, their pixels, whether every one came grey) for each planned shard, as
-    its last image arrives. Each image is copied into its shard's array as it is decoded, so a shard is held in
-    memory once (a list of images stacked at the end held it twice: 256 MB more at the peak)."""
-    sizes = Counter((split, number) for split, number, _ in jobs)
-    current, rows, images, grey = None, [], np.empty((0, depth, size, size), np.uint8), True
-    for (split, number, row), (_, image, error) in zip(jobs, results, strict=True):
-        if current != (split, number):
-            if current is not None:
-                yield (*current, rows, images[: len(rows)], grey)
-            current, rows, grey = (split, number), [], True
-            images = np.empty((sizes[current], depth, size, size), np.uint8)
-        if image is None:
-            failures.append(error)
-            continue
-        images[len(rows)] = image  # a grey image of an "auto" folder fills all three channels
-        grey &= image.shape[0] == 1
-        rows.append(row)
-    if current is not None:
-        yield (*current, rows, images[: len(rows)], grey)
-    for split in SPLIT_NAMES:  # a split with no images still gets one empty shard
-        if not any(job[0] == split for job in jobs):
-            yield split, 0, [], np.empty((0, depth, size, size), np.uint8), True
-
-
-def _count(histograms: np.ndarray, images: np.ndarray) -> None:
-    # torch's bincount counts uint8 as it is: numpy's converts every value to int64 first, 15 times slower
-    # (4.7 of the 15 s that 12,500 128-px JPEGs took to preprocess, 2-core AMD EPYC).
-    pixels = torch.from_numpy(images)
-    for channel in range(images.shape[1]):
-        histograms[channel] += torch.bincount(pixels[:, channel].reshape(-1), minlength=256).numpy()
+def _planned_shards(
+    plans: dict[str, list[list[int]]], members: dict[str, list[int]]
+) -> list[tuple[str, int, list[int]]]:
+    """(split, shard number, manifest rows) of every shard to write: the planned shards that hold images, and
+    one empty shard for a split with none (it records the image shape)."""
+    shards = [
+        (split, number, [members[split][i] for i in shard])
+        for split in SPLIT_NAMES
+        for number, shard in enumerate(plans[split])
+        if shard
+    ]
+    for split in SPLIT_NAMES:
+        if not any(shard[0] == split for shard in shards):
+            shards.append((split, 0, []))
+    return shards
 
 
 def _record(stored: Stored, number: int, rows: list[int], names: list[str], labels: list[int]) -> None:

@@ -5,9 +5,9 @@ never sees one resize in training and another in use. Every file is first decode
 whatever its format: EXIF rotation applied, transparency composited onto white, 16-bit samples scaled, CMYK and
 palettes converted.
 
-Pillow and numpy only, no torch: decoding.py runs `read_array` in threads (Pillow releases the GIL while it
-decodes and resizes), and torch must not be asked for work from many threads at once (its own thread pool would
-compete with them). A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's
+Pillow and numpy only, no torch (imported by `read_image` alone): decoding.py runs `read_array` in threads for
+`predict` and in worker processes for preprocess, which must start without torch, and torch must not be asked for
+work from many threads at once (its own thread pool would compete with them). A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's
 DCT scaling, `Image.draft`): less work, and the resize that follows averages fewer pixels.
 """
 
@@ -16,13 +16,15 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from image_classifier.errors import UserError, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 # Refuse images that would decode to more than this many pixels (a decompression bomb exhausts memory).
 MAX_PIXELS = 40_000_000
@@ -34,11 +36,13 @@ _PIL_16_BIT = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 
 
-def read_image(path: Path, channels: int | Literal["auto"], size: tuple[int, int]) -> torch.Tensor:
+def read_image(path: Path, channels: int | Literal["auto"], size: tuple[int, int]) -> "torch.Tensor":
     """Decode `path` as uint8 `channels`×H×W (1 grey, 3 RGB; "auto": 1 when the image is grey, else 3) resized
     to `size` = (H, W), bilinear antialiased.
 
     Raises UserError naming the file when it is missing, not an image, corrupt, or too large to decode safely."""
+    import torch  # here: decoding.py's worker processes import this module and must not load torch
+
     return torch.from_numpy(read_array(path, channels, size))
 
 
