@@ -26,7 +26,9 @@ def main() -> None:
         model, config = load_model(paths.MODEL_FILE)
         exported = export_formats(model, config, params.export.opset)
         test = load_split(paths.SPLIT_DIRS["test"])
-        reference = load_test_logits(paths.TEST_LOGITS, paths.MODEL_FILE, len(test))  # evaluate's PyTorch logits
+        reference = load_test_logits(
+            paths.TEST_LOGITS, paths.MODEL_FILE, len(test)
+        )  # evaluate's PyTorch logits
         parity = check_onnx(reference, test, params.export.max_logit_diff)
         test_accuracy = json.loads(paths.EVAL_METRICS.read_text())["accuracy"]
         tracking.log_results(
