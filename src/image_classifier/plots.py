@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # plots.py is a dependency of stages that never calibrate: no
     from image_classifier.calibration import ReliabilityBins
 
 
+# The largest side an image of a preview grid is drawn at (a column of the figure is 180 pixels wide).
+PREVIEW_SIDE = 128
+
+
 def _save(figure: plt.Figure, path: Path) -> None:
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png", dpi=100, bbox_inches="tight")
@@ -27,8 +31,11 @@ def _save(figure: plt.Figure, path: Path) -> None:
 def save_image_grid(images: torch.Tensor, captions: Sequence[str], path: Path, title: str) -> None:
     """A grid of uint8 images (N×C×H×W), each captioned (class name, or "true → predicted").
 
-    One mosaic in one axes: a subplot per image cost 1.9 s for 36 images, most of the preprocess stage.
+    One mosaic in one axes: a subplot per image cost 1.9 s for 36 images, most of the preprocess stage. Images
+    larger than PREVIEW_SIDE are shrunk first: the figure shows each in about that many pixels, and matplotlib
+    resamples the whole mosaic in float64 (36 photos at 224 px: 311 MB, the preprocess stage's peak).
     """
+    images = _thumbnails(images)
     columns = min(6, max(1, len(images)))
     height, width = images.shape[-2:]
     gap = max(2, round(0.4 * height))  # room above each image for a two-line caption
@@ -39,7 +46,7 @@ def save_image_grid(images: torch.Tensor, captions: Sequence[str], path: Path, t
     if mosaic is None:
         axis.text(0.5, 0.5, "(no images)", ha="center", va="center")
     else:
-        axis.imshow(mosaic.numpy(), interpolation="nearest")
+        axis.imshow(mosaic.numpy(), interpolation="none")
     for index, caption in enumerate(captions[: len(images)]):
         row, column = divmod(index, columns)
         x = gap + column * (width + gap) + width / 2
@@ -47,6 +54,17 @@ def save_image_grid(images: torch.Tensor, captions: Sequence[str], path: Path, t
         axis.text(x, y, caption, ha="center", va="bottom", fontsize=8)
     axis.set_title(title)
     _save(figure, path)
+
+
+def _thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """`images` shrunk (antialiased) so that neither side exceeds PREVIEW_SIDE; as they are if they fit."""
+    height, width = images.shape[-2:]
+    scale = PREVIEW_SIDE / max(height, width)
+    if scale >= 1 or not len(images):
+        return images
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    shrunk = torch.nn.functional.interpolate(images.float(), size, mode="bilinear", antialias=True)
+    return shrunk.round().clamp(0, 255).to(torch.uint8)
 
 
 def _mosaic(images: torch.Tensor, columns: int, gap: int) -> torch.Tensor:
