@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,7 +21,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from image_classifier import folder
+from image_classifier import folder, images
 from image_classifier.errors import UserError
 from image_classifier.folder import copy_image_folder, decode_folder, resolve_image_size, sort_classes
 from image_classifier.images import decode_rgb_array, read_image
@@ -619,3 +620,44 @@ def test_pipeline_on_a_folder_of_real_images(tmp_path: Path) -> None:
         cwd=repo,
     )
     assert json.loads(registered.stdout.strip().splitlines()[-1])["classes"] == folders
+
+
+def _jpeg(path: Path, pixels: np.ndarray, **options) -> Path:
+    Image.fromarray(pixels).save(path, "JPEG", **options)
+    return path
+
+
+def test_plain_jpegs_are_decoded_by_libjpeg_turbo_with_pillows_pixels(tmp_path: Path) -> None:
+    # Smooth colour, as photos are (noise would hide a wrong upsampling or scale), plus grey and progressive files.
+    y, x = np.mgrid[0:300, 0:400]
+    colour = np.stack([x * 255 // 400, y * 255 // 300, (x + y) * 255 // 700], axis=2).astype(np.uint8)
+    plain = [
+        _jpeg(tmp_path / "baseline.jpg", colour, quality=90),
+        _jpeg(tmp_path / "progressive.jpg", colour, progressive=True),
+        _jpeg(tmp_path / "grey.jpg", colour[:, :, 0]),
+        _jpeg(tmp_path / "small.jpg", colour[:28, :28]),
+    ]
+    for path in plain:
+        for size in [
+            (28, 28),
+            (64, 48),
+            (150, 150),
+            (300, 400),
+        ]:  # draft scales 8, 4, 2 and 1 for the large files
+            assert images._turbo_decoded(path, max(size)) is not None, path.name
+            for channels in (1, 3, "auto"):
+                assert np.array_equal(
+                    images.read_array(path, channels, size), images.pillow_array(path, channels, size)
+                ), (path.name, size, channels)
+    # An EXIF block (it may ask for a rotation) and CMYK go through Pillow, which reads them right.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the upright image is 300 wide, 400 high
+    rotated = _jpeg(tmp_path / "rotated.jpg", colour, exif=exif)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.fromarray(colour).convert("CMYK").save(cmyk, "JPEG")
+    for path in (rotated, cmyk):
+        assert images._turbo_decoded(path, 64) is None, path.name
+    assert images.read_array(rotated, 3, (400, 300)).shape == (3, 400, 300)
+    assert images.read_array(rotated, 3, (40, 30))[:, :3, :3].mean() > 100, (
+        "the top left is the old bottom left"
+    )
