@@ -18,12 +18,13 @@ inherited), and the pool is shut down and joined, never terminated, on the norma
 stage, which stops the pool: the workers ignore SIGINT.
 """
 
+import itertools
 import multiprocessing
 import os
 import signal
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,7 +40,7 @@ AHEAD_PER_WORKER = 8
 # Below this many files one thread decodes them about as soon as a pool could start.
 PARALLEL_FROM = 64
 # fill_shards: below this many images the stage decodes them itself (a forkserver and its workers start in about
-# 0.2 s, in which one process decodes about 800 128-px JPEGs); images per task sent to a worker.
+# 0.2 s, in which one process decodes, stores and counts about 1,000 128-px JPEGs); images per task sent to a worker.
 PROCESSES_FROM = 2_000
 TASK_IMAGES = 64
 # Tasks queued per worker: enough work to keep the workers busy while the stage counts a finished shard's pixels
@@ -72,22 +73,28 @@ def decode_iter(
     if count == 1:
         yield from (_decode(i, path, channels, shape) for i, path in enumerate(paths))
         return
-    pool = ThreadPoolExecutor(count, thread_name_prefix="decode")
-    pending: deque[Future[Decoded]] = deque()
+    with ThreadPoolExecutor(count, thread_name_prefix="decode") as pool:  # joined, never abandoned
+        tasks = ((i, path, channels, shape) for i, path in enumerate(paths))
+        yield from _in_order(pool, _decode, tasks, count * AHEAD_PER_WORKER)
+
+
+def _in_order(pool: Executor, function: Callable, tasks: Iterable[tuple], ahead: int) -> Iterator:
+    """`function(*task)` for each of `tasks` in `pool`, at most `ahead` submitted at a time, the results in order.
+    Stopping early (break, an exception) cancels what is queued; the pool's shutdown waits for what runs."""
+    pending: deque[Future] = deque()
+    queued = iter(tasks)
     try:
-        queued = iter(enumerate(paths))
-        for i, path in queued:
-            pending.append(pool.submit(_decode, i, path, channels, shape))
-            if len(pending) >= count * AHEAD_PER_WORKER:
-                break
+        for task in itertools.islice(queued, ahead):
+            pending.append(pool.submit(function, *task))
         while pending:
             result = pending.popleft().result()
             following = next(queued, None)
             if following is not None:
-                pending.append(pool.submit(_decode, *following, channels, shape))
+                pending.append(pool.submit(function, *following))
             yield result
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # joined, never abandoned
+        for future in pending:
+            future.cancel()
 
 
 def _decode(index: int, path: Path, channels: int | str, size: tuple[int, int]) -> Decoded:
@@ -165,23 +172,8 @@ def _run_tasks(
         return
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    pending: deque[Future] = deque()
     with ProcessPoolExecutor(count, mp_context=context, initializer=_ignore_interrupts) as pool:
-        try:
-            queued = iter(tasks)
-            for task in queued:
-                pending.append(pool.submit(_fill, *task))
-                if len(pending) >= count * TASKS_AHEAD:
-                    break
-            while pending:
-                result = pending.popleft().result()
-                following = next(queued, None)
-                if following is not None:
-                    pending.append(pool.submit(_fill, *following))
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
+        yield from _in_order(pool, _fill, tasks, count * TASKS_AHEAD)
 
 
 def _ignore_interrupts() -> None:
