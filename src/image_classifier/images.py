@@ -5,10 +5,11 @@ never sees one resize in training and another in use. Every file is first decode
 whatever its format: EXIF rotation applied, transparency composited onto white, 16-bit samples scaled, CMYK and
 palettes converted.
 
-Pillow and numpy only, no torch (imported by `read_image` alone): decoding.py runs `read_array` in threads for
-`predict` and in worker processes for preprocess, which must start without torch, and torch must not be asked for
-work from many threads at once (its own thread pool would compete with them). A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's
-DCT scaling, `Image.draft`): less work, and the resize that follows averages fewer pixels.
+Pillow, simplejpeg and numpy only, no torch (imported by `read_image` alone): decoding.py runs `read_array` in
+threads for `predict` and in worker processes for preprocess, which must start without torch, and torch must not
+be asked for work from many threads at once (its own thread pool would compete with them). A JPEG at least twice
+the target size is decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's DCT scaling): less work, and the resize
+that follows averages fewer pixels.
 """
 
 import contextlib
