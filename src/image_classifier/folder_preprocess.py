@@ -3,7 +3,8 @@ before anything is decoded, and each image is decoded straight into its final sh
 
 No scratch copy of the data set, and no shard held in this process: worker processes decode each image into its
 place in its shard file and count the training split's pixel values as they go (decoding.fill_shards); a file
-that cannot be decoded is left out of its shard (that shard alone is rewritten; nothing else moves). Where images go is stable_shards.py's job; how they are decoded is decoding.py's.
+that cannot be decoded is left out of its shard (that shard alone is rewritten; nothing else moves). Where
+images go is stable_shards.py's job; how they are decoded is decoding.py's.
 """
 
 from __future__ import annotations
