@@ -48,7 +48,7 @@ def our_train(
     from image_classifier import params as params_module
     from image_classifier.data import channel_stats, stratified_indices
     from image_classifier.datasets import get_dataset
-    from image_classifier.device import set_threads
+    from image_classifier.device import configure_host
     from image_classifier.models import model_config, predict_logits
     from image_classifier.raw_formats import decode_idx
     from image_classifier.train import train
@@ -56,7 +56,7 @@ def our_train(
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["train"].update(overrides, device=device_name)
     params = params_module.from_dict(raw)
-    set_threads(params.train.threads)
+    configure_host(params.train.threads)
     spec = get_dataset(params.data.dataset)
     splits = decode_idx(REPO / "data/raw", spec)
     rest, val_index = stratified_indices(splits["train"].labels, val_size, seed=0)

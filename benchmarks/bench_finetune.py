@@ -86,14 +86,14 @@ def run_row(folder: Path, overrides: dict, image_size: int | str = "auto") -> di
     from common import train_and_score
 
     from image_classifier import params as params_module
-    from image_classifier.device import set_threads
+    from image_classifier.device import configure_host
     from image_classifier.folder import copy_image_folder, decode_folder, resolve_image_size
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"].update(dataset="folder", path=str(folder), image_size=image_size)
     raw["train"].update({k: str(lite0_file()) if v == "<lite0>" else v for k, v in overrides.items()})
     params = params_module.from_dict(raw)
-    set_threads(params.train.threads)
+    configure_host(params.train.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         model = params.train.model if params.train.model != "auto" else "convnet"

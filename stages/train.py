@@ -17,11 +17,11 @@ def main() -> None:
         check_architecture(params.train.model)
 
     from image_classifier import distributed, run_states, tracking, train_stage
-    from image_classifier.device import describe, pick_device, set_threads
+    from image_classifier.device import configure_host, describe, pick_device
 
     if params.train.processes * params.train.nodes > 1 and not distributed.is_worker():
         distributed.relaunch(params.train.processes, params.train.nodes)  # reruns this script under torchrun
-    set_threads(params.train.threads, params.train.processes)
+    configure_host(params.train.threads, params.train.processes)
     device = distributed.local_device(pick_device(params.train.device))
     with distributed.process_group(device) as (rank, world), tempfile.TemporaryDirectory() as downloads:
         lead = rank == 0  # only the first process reports, logs and writes outputs

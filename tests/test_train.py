@@ -1,6 +1,9 @@
 """The training loop on tiny learnable data: it learns, resumes bit-identically, and stops on a NaN loss."""
 
 import hashlib
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -365,3 +368,32 @@ def test_balanced_class_weights_change_what_training_learns(tiny_params, tmp_pat
     assert state_hash(runs["none"].final_checkpoint["model"]) != state_hash(
         runs["balanced"].final_checkpoint["model"]
     )
+
+
+FAULTING_STEPS = """
+import resource, sys, torch
+from image_classifier.device import configure_host
+configure_host(1) if sys.argv[1] == "kept" else torch.set_num_threads(1)
+model = torch.nn.Sequential(
+    torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1),
+    torch.nn.Flatten(), torch.nn.Linear(32 * 28 * 28, 10),
+)
+images = torch.randn(128, 1, 28, 28)
+for step in range(13):
+    if step == 3:  # after warm-up: the allocator has seen every block size
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(images).sum().backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_configure_host_keeps_freed_memory_so_steps_stop_faulting_pages_in() -> None:
+    def page_faults(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", FAULTING_STEPS, mode], capture_output=True, text=True, check=True
+        )
+        return int(run.stdout)
+
+    returned, kept = page_faults("returned"), page_faults("kept")
+    assert kept * 4 < returned, (kept, returned)  # measured here: 6,272 against 99,936

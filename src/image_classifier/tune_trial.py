@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from image_classifier import params as params_module
 from image_classifier import paths, tracking
 from image_classifier.data import Meta, Split, load_split
-from image_classifier.device import pick_device, set_threads
+from image_classifier.device import configure_host, pick_device
 from image_classifier.errors import UserError
 from image_classifier.models import model_config
 from image_classifier.search_space import Dimension, suggest, with_values
@@ -39,7 +39,7 @@ class Trials:
             "train": load_split(paths.SPLIT_DIRS["train"]),
             "val": load_split(paths.SPLIT_DIRS["val"]),
         }
-        set_threads(params.train.threads, 1)
+        configure_host(params.train.threads, 1)
         self.device = pick_device(params.train.device)
         self.scratch = Path(tempfile.mkdtemp(prefix="tune-"))
 
