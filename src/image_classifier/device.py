@@ -16,9 +16,9 @@ from image_classifier.errors import UserError
 CPU_INFERENCE_BATCH = 32
 ACCELERATOR_INFERENCE_BATCH = 1000
 # glibc's mallopt parameters, and what training sets them to. By default glibc returns freed memory over a
-# threshold to the OS, and the next step faults the same pages in again, zeroed: Fashion-MNIST's default training
-# took 6.4 M page faults and 52-55 s so, 0.12 M and 45 s with freed memory kept (2-core AMD EPYC;
-# docs/benchmarks.md, "Freed memory kept").
+# threshold to the OS, and the next step faults the same pages in again, zeroed: three epochs of Fashion-MNIST's
+# default training took 1.0-1.5 M page faults and 13.6-13.7 s so, 36 k and 10.5-11.7 s with freed memory kept
+# (2-core AMD EPYC; docs/benchmarks.md, "What makes it fast").
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 HEAP_UP_TO = (
     32 * 2**20
