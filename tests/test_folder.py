@@ -380,15 +380,15 @@ def test_image_size_auto_is_the_small_models_size() -> None:
 @pytest.mark.parametrize(
     ("sides", "expected", "timm_expected"),
     [
-        ([(8, 8)] * 5, 8, 96),  # tiny images stay tiny: never enlarged (timm: to its floor)
-        ([(14, 14)] * 3 + [(300, 200)] * 2, 14, 96),  # the median, not the largest
+        ([(8, 8)] * 5, 8, 80),  # tiny images stay tiny: never enlarged (timm: to its floor)
+        ([(14, 14)] * 3 + [(300, 200)] * 2, 14, 80),  # the median, not the largest
         (
             [(500, 375)] * 4,
             64,
             224,
         ),  # photos: at most 64 for our networks, the architecture's size for timm's
-        ([(5, 5)] * 3, 8, 96),  # below what the networks take: 8
-        ([(60, 20)] * 3, 20, 96),  # the shorter side
+        ([(5, 5)] * 3, 8, 80),  # below what the networks take: 8
+        ([(60, 20)] * 3, 20, 80),  # the shorter side
         ([(160, 120)] * 3, 64, 120),  # timm: the images' own size between the floor and the architecture's
     ],
 )
