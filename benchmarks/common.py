@@ -197,6 +197,30 @@ class ValidationProbe:
         return time.perf_counter() - self.started - self.paused
 
 
+def preprocess_fashion_mnist(out: Path) -> float:
+    """The preprocess stage's library call on all 70,000 Fashion-MNIST images from data/raw, its splits stored in
+    `out`; returns its seconds (no interpreter start-up)."""
+    from image_classifier import params as params_module
+    from image_classifier.datasets import get_dataset
+    from image_classifier.preprocess import preprocess
+    from image_classifier.raw_formats import decode
+
+    params = params_module.load(REPO / "params.yaml")
+    spec = get_dataset("fashion-mnist")
+    files = {name: out / name for name in ("train", "val", "test")}
+    started = time.perf_counter()
+    preprocess(
+        spec.name,
+        list(spec.classes),
+        decode(REPO / "data/raw", spec),
+        params.preprocess,
+        files,
+        out / "meta.json",
+        out / "samples.png",
+    )
+    return time.perf_counter() - started
+
+
 def run_child(command: list[str], name: str) -> tuple[dict, float]:
     """Run one measurement in a fresh process (same start-up for each): the JSON on its last line of output, and
     its peak resident memory in MB. A failure ends the benchmark with the end of the child's stderr."""

@@ -258,26 +258,9 @@ def fashion_mnist_shards() -> dict:
     """Fashion-MNIST stored as shards by the preprocess library call, for both training modes. In a child of its
     own: preprocessing in the process that then trains left glibc's heap tuned by its large blocks, and that run
     trained 15-30% faster than the others (before training set the allocator itself; docs/benchmarks.md)."""
-    from image_classifier import params as params_module
-    from image_classifier.datasets import get_dataset
-    from image_classifier.preprocess import preprocess
-    from image_classifier.raw_formats import decode
+    from common import preprocess_fashion_mnist
 
-    out = scale_dir() / "fashion-mnist"
-    params = params_module.load(REPO / "params.yaml")
-    spec = get_dataset("fashion-mnist")
-    files = {name: out / name for name in ("train", "val", "test")}
-    started = time.perf_counter()
-    preprocess(
-        spec.name,
-        list(spec.classes),
-        decode(REPO / "data/raw", spec),
-        params.preprocess,
-        files,
-        out / "meta.json",
-        out / "s.png",
-    )
-    return {"seconds": time.perf_counter() - started}
+    return {"seconds": preprocess_fashion_mnist(scale_dir() / "fashion-mnist")}
 
 
 def fashion_mnist(in_memory: bool) -> dict:
