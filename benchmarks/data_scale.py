@@ -135,6 +135,27 @@ def preprocess_folder(which: str, size: int = SIZE) -> dict:
     return {"seconds": seconds, "images": sum(meta.sizes.values()), "train_shards": shards}
 
 
+def shard_compaction(which: str = "full") -> dict:
+    """What a failed image costs: decoding.py's compaction of the largest training shard that preprocess_folder
+    stored, on a copy with one image in its middle marked failed (the shard is rewritten without it)."""
+    import numpy as np
+
+    from image_classifier.decoding import FilledShard, _finish_shard
+
+    shard = max((_processed(which) / "train").glob("images-*.npy"), key=lambda path: path.stat().st_size)
+    with tempfile.TemporaryDirectory(dir=scale_dir()) as scratch:
+        copy = Path(scratch) / shard.name
+        shutil.copyfile(shard, copy)
+        count = len(np.load(copy, mmap_mode="r"))
+        outcomes = [(False, None)] * count
+        outcomes[count // 2] = (False, "unreadable")
+        started = time.perf_counter()
+        _finish_shard(copy, outcomes, FilledShard([], [], False, None))
+        seconds = time.perf_counter() - started
+        kept = len(np.load(copy, mmap_mode="r"))
+    return {"seconds": seconds, "shard_mb": shard.stat().st_size / 1e6, "images": count, "kept": kept}
+
+
 def repeated_preprocess(times: int, images: int = 2_000) -> dict:
     """The preprocess stage script `times` times in a row on `images` of the folder, each under a timeout and with
     DeprecationWarning an error (Python's fork-with-threads warning): how many runs hung (issue 25)."""
@@ -313,6 +334,7 @@ MEASUREMENTS = {
     "scale-imagefolder": lambda device: imagefolder_pass(),
     "photo-preprocess": lambda device: preprocess_folder("photos", PHOTO_TARGET),
     "photo-imagefolder": lambda device: imagefolder_pass("photos", PHOTO_TARGET),
+    "scale-compaction": lambda device: shard_compaction(),
     "scale-repeat": lambda device: repeated_preprocess(int(os.environ.get("BENCH_REPEATS", "100"))),
     "scale-stream-full": lambda device: streamed_epoch("full"),
     "scale-stream-quarter": lambda device: streamed_epoch("quarter"),
@@ -340,11 +362,11 @@ def rows(measure, device: str, count: int) -> list[tuple[str, str, str, str]]:
     shutil.rmtree(scale_dir() / "fashion-mnist", ignore_errors=True)
     quarter = measure("scale-preprocess-quarter", device)
     full = measure("scale-preprocess-full", device)
+    compaction = measure("scale-compaction", device)
     folder = measure("scale-imagefolder", device)
     stream_quarter = measure("scale-stream-quarter", device)
     stream_full = measure("scale-stream-full", device)
-    # In memory, streamed, streamed, in memory (ABBA): this machine's speed drifts by a quarter within minutes, and
-    # one pair taken in one order showed 73% where the next two, in either order, showed 100% and 106%.
+    # In memory, streamed, streamed, in memory (ABBA): this machine's speed drifts by a quarter within minutes.
     measure("fmnist-shards", device)
     first_memory = measure("fmnist-memory", device)
     streams = [measure("fmnist-stream", device), measure("fmnist-stream", device)]
@@ -362,6 +384,13 @@ def rows(measure, device: str, count: int) -> list[tuple[str, str, str, str]]:
             f"{full['seconds']:.1f} s, {ours:.0f} images/s, {full['train_shards']} training shards",
             "",
             f"{ours / theirs:.2f}x the ImageFolder pass",
+        ),
+        (
+            f"A failed image: its shard compacted (the largest training shard, {compaction['images']:,} images, "
+            f"{compaction['shard_mb']:.0f} MB, rewritten without it)",
+            f"{compaction['seconds']:.2f} s ({compaction['seconds'] / full['seconds']:.0%} of the preprocess)",
+            "",
+            "",
         ),
         (
             "Same files: torchvision ImageFolder + DataLoader(num_workers=2), decode and resize",
