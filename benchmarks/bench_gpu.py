@@ -54,7 +54,7 @@ QUICK = {"width": 8, "batch_size": 20, "max_epochs": 2, "long_seconds": 10.0, "l
 LITE0_WEIGHTS = "efficientnet-lite0-57934424.pth"
 FINE_TUNE_ROWS = (
     ("from scratch, every default", {}, 28),
-    ("EfficientNet-Lite0, ImageNet weights, every auto", {"model": "timm:efficientnet_lite0"}, 64),
+    ("EfficientNet-Lite0, ImageNet weights, every auto", {"model": "timm:efficientnet_lite0"}, 80),
     ("EfficientNet-Lite0, ImageNet weights, every auto", {"model": "timm:efficientnet_lite0"}, 224),
 )
 FINE_TUNE_ESTIMATE_SECONDS = 60
