@@ -66,3 +66,14 @@ def test_the_defaults_beat_a_classical_baseline_on_a_small_low_resolution_folder
     assert ours >= baseline - MARGIN, f"defaults {ours:.4f} against scikit-learn's {baseline:.4f}"
     plan = json.loads((repo / "reports/train/metrics.json").read_text())
     assert plan["epochs_trained"] <= 60
+
+
+def test_every_stage_has_a_floor_program_and_each_runs() -> None:
+    """The benchmark's floor of a small run (each stage's libraries and their first use, on a trivial model)
+    must cover the pipeline's stages and still run against the pinned libraries: an API they drop fails here."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench
+
+    assert list(bench.STAGE_FLOORS) == list(STAGES)
+    floors = bench.stage_floors(repeats=1)
+    assert set(floors) == set(STAGES) and all(seconds > 0 for seconds in floors.values())
