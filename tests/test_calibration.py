@@ -12,6 +12,7 @@ from test_train import make_split
 from torch import nn
 
 from image_classifier.calibration import (
+    MIN_CALIBRATION_IMAGES,
     brier_score,
     calibrate,
     calibrated_state,
@@ -202,6 +203,15 @@ def test_the_train_step_fits_the_temperature_on_validation(trained, tmp_path: Pa
     assert outputs["reliability"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_temperature_is_fitted_from_the_smallest_validation_split_allowed() -> None:
+    model = ImageClassifier(bar_finder(40.0), mean=[0.0], std=[1.0]).eval()
+    val = noisy_split(MIN_CALIBRATION_IMAGES, 3)
+    found = calibrate(model, val)
+    assert not isinstance(found, str), found
+    assert found.images == MIN_CALIBRATION_IMAGES and found.temperature > 1  # over-confident: softened
+    assert isinstance(calibrate(model, val.subset(torch.arange(MIN_CALIBRATION_IMAGES - 1))), str)
+
+
 @pytest.mark.parametrize(
     ("val_size", "enabled", "line"),
     [
@@ -212,10 +222,15 @@ def test_the_train_step_fits_the_temperature_on_validation(trained, tmp_path: Pa
         ),
         (100, False, "calibration off (train.calibrate: false): temperature 1"),
         (
-            3,  # three images the model gets right: NLL falls without end as T shrinks
+            31,  # one short of MIN_CALIBRATION_IMAGES: the fit would be noise
             True,
-            "calibration skipped: the model gets all 3 validation images right, so there is no mistake to fit it "
-            "on; temperature 1",
+            "calibration skipped: 31 validation images are too few to fit it on (it takes 32); temperature 1",
+        ),
+        (
+            40,  # forty images the model gets right: NLL falls without end as T shrinks
+            True,
+            "calibration skipped: the model gets all 40 validation images right, so there is no mistake to fit "
+            "it on; temperature 1",
         ),
     ],
 )
@@ -223,11 +238,13 @@ def test_no_calibration_keeps_temperature_one(
     trained, capsys, val_size: int, enabled: bool, line: str
 ) -> None:
     val = make_split(val_size, 2)
-    if val_size == 3:
+    if val_size == 40:
         model = build_model(TINY_MODEL_CONFIG)
         model.load_state_dict(trained)
-        right = predict_logits(model, make_split(100, 2).images, 100).argmax(1) == make_split(100, 2).labels
-        val = make_split(100, 2).subset(torch.nonzero(right).flatten()[:3])
+        pool = make_split(200, 2)
+        right = predict_logits(model, pool.images, 100).argmax(1) == pool.labels
+        assert int(right.sum()) >= 40
+        val = pool.subset(torch.nonzero(right).flatten()[:40])
     state, metrics = calibrated_state(TINY_MODEL_CONFIG, trained, val, enabled)
     assert state["temperature"].item() == 1.0
     assert metrics == {"calibration.temperature": 1.0}
