@@ -207,6 +207,20 @@ def test_auto_plan_follows_the_size_of_the_data(tiny_params, images, batch, lr, 
     assert any(f"within 3..{MAX_AUTO_EPOCHS} epochs" in note for note in plan.notes)  # said, and logged
 
 
+@pytest.mark.parametrize(
+    ("images", "note"), [(86, "6 steps per epoch where 8 were the aim"), (1000, "at least 8 steps")]
+)
+def test_the_auto_batch_note_states_the_steps_an_epoch_really_has(
+    tiny_params, images: int, note: str
+) -> None:
+    params = tiny_params.train.model_copy(update={"batch_size": "auto"})
+    plan = plan_training(params, images)
+    said = next(line for line in plan.notes if line.startswith("train.batch_size auto"))
+    assert note in said, said
+    if images == 86:
+        assert plan.steps_per_epoch == 6 and "an auto batch is at least 16 images" in said
+
+
 def test_explicit_values_are_kept(tiny_params) -> None:
     params = tiny_params.train.model_copy(
         update={

@@ -157,10 +157,18 @@ def _batch_and_lr(
             # Square-root scaling keeps the noise of a step about constant; linear scaling (Goyal et al.)
             # was too timid for batches of 16 on a few hundred images (measured: docs/benchmarks.md).
             scaled = lr * math.sqrt(batch_size / REFERENCE_BATCH)
+            steps = len(batch_starts(num_samples, batch_size))
+            reason = f"at least {min_steps} steps per epoch"
+            if (
+                steps < min_steps
+            ):  # the batch's floor binds: say so rather than promise steps the set cannot give
+                reason = (
+                    f"{steps} step{'s' * (steps > 1)} per epoch where {min_steps} were the aim: an auto batch is "
+                    f"at least {MIN_AUTO_BATCH} images or the whole set"
+                )
             notes.append(
-                f"train.batch_size auto: {batch_size} ({num_samples} training images, at least "
-                f"{min_steps} steps per epoch); train.lr scaled to {scaled:.4g} (x sqrt({batch_size}/"
-                f"{REFERENCE_BATCH}))"
+                f"train.batch_size auto: {batch_size} ({num_samples} training images, {reason}); "
+                f"train.lr scaled to {scaled:.4g} (x sqrt({batch_size}/{REFERENCE_BATCH}))"
             )
             lr = scaled
         return batch_size, lr
