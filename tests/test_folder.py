@@ -482,7 +482,21 @@ def csv_with_symlink_out(tmp_path: Path) -> Path:
 def train_beside_classes(tmp_path: Path) -> Path:
     root = tmp_path / "images"
     class_folders(root / "train", {"cat": 2, "dog": 2})
-    class_folders(root, {"val": 1})
+    class_folders(root, {"extra": 1})
+    return root
+
+
+def two_validation_folders(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    for split in ("train", "val", "valid"):
+        class_folders(root / split, {"cat": 2, "dog": 2})
+    return root
+
+
+def validation_classes_differ(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    class_folders(root / "train", {"cat": 2, "dog": 2})
+    class_folders(root / "valid", {"cat": 1, "emu": 1})
     return root
 
 
@@ -501,7 +515,12 @@ REFUSALS = {
         r"dog/more is a symlink to .*elsewhere/x, outside",
     ),
     "train-test-classes-differ": (split_mismatch, r"train/ and test/ must hold .*; only one has dog, emu"),
-    "train-beside-other-folders": (train_beside_classes, r"has train/ beside val/; use either"),
+    "train-beside-other-folders": (train_beside_classes, r"has train/ beside extra/; use either"),
+    "two-validation-folders": (two_validation_folders, r"has val/ and valid/: keep one validation folder"),
+    "train-valid-classes-differ": (
+        validation_classes_differ,
+        r"train/ and valid/ must hold the same class folders; only one has dog, emu",
+    ),
     "csv-parent": (
         lambda tmp: csv_source(tmp, "a.png,x\n../outside.png,y\n"),
         r"labels.csv row 3: ../outside.png is outside the CSV's folder",

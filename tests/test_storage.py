@@ -164,6 +164,35 @@ def test_split_shares_stay_within_one_image_of_exact_per_class(tmp_path: Path) -
     assert index[0] == "filename,label,shard,seed" and len(index) - 1 == len(load_split(out / "train"))
 
 
+@pytest.mark.parametrize("validation", ["val", "valid", "validation"])
+def test_a_folders_own_validation_split_is_kept_and_the_test_split_drawn_from_train(
+    tmp_path: Path, validation: str, capsys
+) -> None:
+    """train/ and valid/ (a Roboflow export), or val/ (Ultralytics, torchvision): that folder is the validation
+    split, image for image, and the test split is held out of train/ as preprocess.test_size says."""
+    two = ("circle", "square")
+    shapes_folder(tmp_path / "images" / "train", per_class=[20, 20], classes=two, size_range=(8, 10))
+    shapes_folder(tmp_path / "images" / validation, per_class=[3, 4], classes=two, size_range=(8, 10), seed=7)
+    copy_image_folder(tmp_path / "images", tmp_path / "raw")
+    assert "(train 40, val 7)" in capsys.readouterr().out
+    out = tmp_path / "processed"
+    files = {name: out / name for name in SPLITS}
+    preprocess_folder(
+        tmp_path / "raw",
+        8,
+        1,
+        folder_params(val_size=20, test_size=10),
+        files,
+        out / "meta.json",
+        tmp_path / "s.png",
+    )
+    assert "val: the folder's own 7 images (preprocess.val_size is not used)" in capsys.readouterr().out
+    sizes = {name: len(load_split(out / name)) for name in SPLITS}
+    assert sizes == {"train": 30, "val": 7, "test": 10}
+    stored = (out / "val/index.csv").read_text().splitlines()[1:]
+    assert all(line.startswith(f"images/{validation}/") for line in stored)
+
+
 def stage_dir(tmp_path: Path) -> Path:
     """A working folder the stage scripts run in: params.yaml for a small folder data set, data/raw fetched."""
     work = tmp_path / "work"

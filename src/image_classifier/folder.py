@@ -3,7 +3,7 @@
 The user's folder may be `<root>/<class>/<image>`, `<root>/train/<class>/...` + `<root>/test/<class>/...`, or a
 CSV of `filename,label` rows. Whatever its layout, fetch leaves one normalised form in data/raw:
 
-    data/raw/labels.csv      filename,label,split  (filename relative to data/raw; split train or test)
+    data/raw/labels.csv      filename,label,split  (filename relative to data/raw; split train, val or test)
     data/raw/images/<path>   each image under its path relative to the user's folder (or the CSV's folder)
 
 One manifest covers all three layouts and any label text (a CSV label may be a number or hold a "/", which no
@@ -34,7 +34,10 @@ if TYPE_CHECKING:  # fetch only copies files: it starts without torch and torchv
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 MANIFEST = "labels.csv"
 IMAGES_DIR = "images"
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+# A folder's own validation split may go by any of these names (Ultralytics and torchvision lay data sets out with
+# val/, Roboflow exports valid/); it is stored as the split "val".
+VAL_FOLDERS = ("val", "valid", "validation")
 MAX_NAMED = 10  # unreadable images named one by one on stderr; the rest are counted
 
 
@@ -93,25 +96,13 @@ def find_images(source: Path) -> tuple[list[Entry], Counter]:
         top = _subfolders(root, root, skipped)
         _skip_loose_files(root, root, skipped)
         if "train" in top:  # the user's own split
-            extra = sorted(set(top) - set(SPLITS))
-            if extra:
-                raise UserError(
-                    f"{source} has train/ beside {', '.join(extra)}/; use either <class> folders or only "
-                    "train/ and test/ folders of classes"
-                )
-            found = {}
-            for split in top:
-                _skip_loose_files(top[split], root, skipped)
-                found[split] = _from_class_folders(
-                    _subfolders(top[split], root, skipped), root, split, skipped
-                )
-            entries = [entry for split in found for entry in found[split][0]]
-            classes = {f"{split}/{name}": count for split in found for name, count in found[split][1].items()}
-            if "test" in found and set(found["test"][1]) != set(found["train"][1]):
-                differ = sorted(set(found["test"][1]) ^ set(found["train"][1]))
-                raise UserError(
-                    f"{source}: train/ and test/ must hold the same class folders; only one has {', '.join(differ)}"
-                )
+            found = _user_splits(source, top, root, skipped)
+            entries = [entry for entries, _ in found.values() for entry in entries]
+            classes = {
+                f"{folder}/{name}": count
+                for folder, (_, counts) in found.items()
+                for name, count in counts.items()
+            }
         else:
             entries, classes = _from_class_folders(top, root, "train", skipped)
     empty = [name for name, count in classes.items() if count == 0]
@@ -124,6 +115,36 @@ def find_images(source: Path) -> tuple[list[Entry], Counter]:
             f"({', '.join(labels) or 'no images'}); a classifier needs at least 2"
         )
     return sorted(entries, key=lambda e: (e.split, str(e.relative))), skipped
+
+
+def _user_splits(
+    source: Path, top: dict[str, Path], root: Path, skipped: Counter
+) -> dict[str, tuple[list[Entry], dict[str, int]]]:
+    """The entries and class counts of each of the user's split folders, by folder name: train/, and optionally
+    test/ and one validation folder (VAL_FOLDERS, stored as the split "val"), each holding the same classes."""
+    extra = sorted(set(top) - {"train", "test", *VAL_FOLDERS})
+    if extra:
+        raise UserError(
+            f"{source} has train/ beside {', '.join(extra)}/; use either <class> folders or train/, and optionally "
+            "test/ and val/, folders of classes"
+        )
+    validation = sorted(set(top) & set(VAL_FOLDERS))
+    if len(validation) > 1:
+        raise UserError(
+            f"{source} has {' and '.join(f'{name}/' for name in validation)}: keep one validation folder"
+        )
+    found = {}
+    for folder, path in top.items():
+        _skip_loose_files(path, root, skipped)
+        split = "val" if folder in VAL_FOLDERS else folder
+        found[folder] = _from_class_folders(_subfolders(path, root, skipped), root, split, skipped)
+    for folder in sorted(set(found) - {"train"}):
+        differ = sorted(set(found[folder][1]) ^ set(found["train"][1]))
+        if differ:
+            raise UserError(
+                f"{source}: train/ and {folder}/ must hold the same class folders; only one has {', '.join(differ)}"
+            )
+    return found
 
 
 def _from_class_folders(
@@ -335,8 +356,8 @@ def decode_folder(
     raw_dir: Path, image_size: int, channels: int | Literal["auto"], workers: int | None = None
 ) -> tuple[list[str], dict[str, Split]]:
     """Every image fetch copied into `raw_dir`, decoded in memory as uint8 `channels`×image_size×image_size
-    (see decoding.py), in manifest order: the class names and the user's splits ("train", and "test" when the
-    folder had one). For small folders and tests; preprocess writes shards instead (folder_preprocess.py).
+    (see decoding.py), in manifest order: the class names and the user's splits ("train", and "val" and "test"
+    when the folder had them). For small folders and tests; preprocess writes shards instead (folder_preprocess.py).
     `channels` "auto" is 1 when every image is grey, else 3. Unreadable images are named on stderr, left out."""
     import torch
 

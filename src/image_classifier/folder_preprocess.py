@@ -130,7 +130,8 @@ def draw_splits(
     before: dict[str, set[str]] | None = None,
 ) -> dict[str, list[int]]:
     """Row numbers of each split, in manifest order: the user's test/ rows, or a share of the training rows held
-    out for testing; then validation; then the optional training subset. Stratified by class (each class's
+    out for testing; then validation likewise (the user's val/ rows, or a share); then the optional training
+    subset. Stratified by class (each class's
     share within one image of exact), each class giving its images in the order of a hash of their paths
     (stable_shards.py); with `before` (the filenames each split held last time), a class gives first the images
     the split held before, then new ones, and only then images another split held: adding images moves none."""
@@ -138,16 +139,18 @@ def draw_splits(
     seen = set().union(*before.values()) if before else set()
     index = {name: i for i, name in enumerate(classes)}
     pool = [i for i, row in enumerate(rows) if row["split"] == "train"]
-    test = [i for i, row in enumerate(rows) if row["split"] == "test"]
+    given = {split: [i for i, row in enumerate(rows) if row["split"] == split] for split in ("test", "val")}
     if not pool:
         raise UserError("the manifest lists no training images; run the fetch stage again")
     members = {"train_pool": pool}
-    keys = (("test_size", params.test_size, "test"),) if not test else ()
-    for key, size, split in (*keys, ("val_size", params.val_size, "val")):
+    for key, size, split in (("test_size", params.test_size, "test"), ("val_size", params.val_size, "val")):
+        if given[split]:  # the folder's own split, as it is
+            members[split] = given[split]
+            print(f"{split}: the folder's own {len(given[split])} images (preprocess.{key} is not used)")
+            continue
         labels, order = _ranked(rows, pool, index, params.seed, before.get(split, set()), seen)
         kept, held = hold_out(labels, key, size, params.seed, classes, order)
         members[split], pool = [pool[i] for i in held.tolist()], [pool[i] for i in kept.tolist()]
-    members["test"] = members.get("test", test)
     if params.train_subset:
         if params.train_subset > len(pool):
             raise UserError(
