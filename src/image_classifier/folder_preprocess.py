@@ -131,10 +131,10 @@ def draw_splits(
 ) -> dict[str, list[int]]:
     """Row numbers of each split, in manifest order: the user's test/ rows, or a share of the training rows held
     out for testing; then validation likewise (the user's val/ rows, or a share); then the optional training
-    subset. Stratified by class (each class's
-    share within one image of exact), each class giving its images in the order of a hash of their paths
-    (stable_shards.py); with `before` (the filenames each split held last time), a class gives first the images
-    the split held before, then new ones, and only then images another split held: adding images moves none."""
+    subset. Stratified by class (each class's share within one image of exact), each class giving its images in
+    the order of a hash of their paths (stable_shards.py); with `before` (the filenames each split held last
+    time), a class gives first the images the split held before, then new ones, and only then images another
+    split held: adding images moves none."""
     before = before or {}
     seen = set().union(*before.values()) if before else set()
     index = {name: i for i, name in enumerate(classes)}

@@ -159,9 +159,7 @@ def _batch_and_lr(
             scaled = lr * math.sqrt(batch_size / REFERENCE_BATCH)
             steps = len(batch_starts(num_samples, batch_size))
             reason = f"at least {min_steps} steps per epoch"
-            if (
-                steps < min_steps
-            ):  # the batch's floor binds: say so rather than promise steps the set cannot give
+            if steps < min_steps:  # the batch's floor binds: say so, not steps the set cannot give
                 reason = (
                     f"{steps} step{'s' * (steps > 1)} per epoch where {min_steps} were the aim: an auto batch is "
                     f"at least {MIN_AUTO_BATCH} images or the whole set"
