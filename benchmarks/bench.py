@@ -15,7 +15,6 @@ Needs the fetched data (data/raw, from `dvc repro fetch`) and, for the no-op rep
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -161,16 +160,11 @@ def stage_floors(repeats: int = 3) -> dict[str, float]:
     """Each stage's floor (STAGE_FLOORS) in a fresh interpreter that exits as a stage does (the collector
     frozen), best of `repeats`."""
     programs = {name: "\n".join([*lines, "import gc", "gc.freeze()"]) for name, lines in STAGE_FLOORS.items()}
+    command = command_timer(REPO)
     return {
-        name: min(timed_command(sys.executable, "-c", program) for _ in range(repeats))
+        name: min(command(sys.executable, "-c", program) for _ in range(repeats))
         for name, program in programs.items()
     }
-
-
-def timed_command(*args: str) -> float:
-    started = time.perf_counter()
-    subprocess.run(args, check=True, capture_output=True)
-    return time.perf_counter() - started
 
 
 def small_folder_pipeline(device_name: str, count: int = 200) -> dict:

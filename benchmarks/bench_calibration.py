@@ -33,6 +33,7 @@ from image_classifier.calibration import calibration_metrics, fit_temperature  #
 from image_classifier.data import load_split  # noqa: E402
 from image_classifier.datasets import get_dataset  # noqa: E402
 from image_classifier.export import load_model  # noqa: E402
+from image_classifier.models import predict_logits  # noqa: E402
 
 SOURCES = [REPO / "data/raw", Path("/usr/share/datasets/fashion-mnist")]
 HELD_OUT = 10_000
@@ -57,7 +58,7 @@ def score_run(repo: Path, images: torch.Tensor, labels: torch.Tensor) -> dict:
     val = load_split(repo / "data/processed/val")
     with torch.no_grad():
         temperature = fit_temperature(split_logits(model, val, 256), val.labels)
-        raw = torch.cat([model(images[i : i + 1000].float() / 255) for i in range(0, len(images), 1000)])
+        raw = predict_logits(model, images, 1000)
     class_names = get_dataset("fashion-mnist").classes
     order = torch.tensor([config["classes"].index(folder_name(name)) for name in class_names])
     target = order[labels]  # Fashion-MNIST's label numbers in the folder's (sorted) class order
